@@ -1,0 +1,321 @@
+"""The LR recipe: warmup (in optimizer steps) x per-epoch decay x plateau factor.
+
+Conventions (all counts are optimizer updates, after gradient accumulation):
+
+- `k` is the 1-based index of an optimizer step; `lr(k)` is the LR that step uses.
+- Warmup, W steps: lr(k) = base * (s + (1 - s) * k / W) for k <= W, with s = warmup_start_factor.
+  Step 1 already moves (base * (s + (1 - s) / W)); step W uses the full base LR.
+- After warmup, g = k - 1 - W steps have been taken since warmup ended, e = g / steps_per_epoch:
+    exponential  base * decay_rate ** e          (staircase: ** floor(e), changes at epoch boundaries)
+    cosine       min_lr + (base - min_lr) * (1 + cos(pi * g / H)) / 2,   H = total_steps - W
+    linear       min_lr + (base - min_lr) * (1 - g / H)
+    constant     base
+  then floored at `schedule.min_lr`.
+- Plateau: a factor (1, 0.5, 0.25, ...) multiplied on top, changed only at epoch ends from a
+  validation metric that every rank computed over the whole validation set. It follows
+  torch.optim.lr_scheduler.ReduceLROnPlateau step for step (best, bad epochs, cooldown), except
+  that epochs ending inside warmup never count as bad.
+
+The scheduler is stepped once per optimizer update by the trainer and is never passed to
+`accelerator.prepare` (which would step it once per process: accelerate#2318).
+
+Preview the schedule: `python -m launcher.schedule --recipe recipes/mnist1d_fast.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from launcher.config import PlateauConfig, ScheduleConfig
+
+# ---------------------------------------------------------------------------------------------
+# The smooth part: a pure function of the optimizer step.
+# ---------------------------------------------------------------------------------------------
+
+
+def warmup_factor(k: int, warmup_steps: int, start_factor: float) -> float:
+    if warmup_steps <= 0 or k >= warmup_steps:
+        return 1.0
+    return start_factor + (1.0 - start_factor) * k / warmup_steps
+
+
+def scheduled_lr(k: int, base_lr: float, cfg: ScheduleConfig, warmup_steps: int, steps_per_epoch: int,
+                 total_steps: int) -> float:
+    """LR used by optimizer step k (1-based), before any plateau reduction."""
+    if k <= warmup_steps:
+        return base_lr * warmup_factor(k, warmup_steps, cfg.warmup_start_factor)
+    done = k - 1 - warmup_steps
+    if cfg.decay == "exponential":
+        epochs = done / steps_per_epoch
+        if cfg.staircase:
+            epochs = math.floor(epochs)
+        lr = base_lr * cfg.decay_rate ** epochs
+    elif cfg.decay in ("cosine", "linear"):
+        horizon = max(1, total_steps - warmup_steps)
+        frac = min(1.0, done / horizon)
+        shape = 0.5 * (1.0 + math.cos(math.pi * frac)) if cfg.decay == "cosine" else 1.0 - frac
+        lr = cfg.min_lr + (base_lr - cfg.min_lr) * shape
+    else:
+        lr = base_lr
+    return max(cfg.min_lr, lr)
+
+
+def phase(k: int, cfg: ScheduleConfig, warmup_steps: int) -> str:
+    if k <= warmup_steps:
+        return "warmup"
+    return cfg.decay + (" staircase" if cfg.decay == "exponential" and cfg.staircase else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stateful part: plateau reduction.
+# ---------------------------------------------------------------------------------------------
+
+
+class Plateau:
+    """ReduceLROnPlateau as a multiplicative factor, with all of its state in `state_dict`."""
+
+    def __init__(self, cfg: PlateauConfig):
+        self.cfg = cfg
+        self.best = math.inf if cfg.mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
+        self.factor = 1.0
+        self.num_reductions = 0
+        self.last_epoch = 0
+
+    def is_better(self, value: float) -> bool:
+        c = self.cfg
+        if math.isnan(value):
+            return False
+        if c.mode == "min":
+            limit = self.best * (1 - c.threshold) if c.threshold_mode == "rel" else self.best - c.threshold
+            return value < limit
+        limit = self.best * (1 + c.threshold) if c.threshold_mode == "rel" else self.best + c.threshold
+        return value > limit
+
+    def step(self, value: float, scheduled_lr: float, epoch: int, counts: bool = True) -> str | None:
+        """Record one epoch's metric. Returns a message when the factor was reduced.
+
+        `scheduled_lr` is the LR the schedule will use next, without the plateau factor; it is used
+        to keep reductions above `min_lr`. `counts=False` (inside warmup) only tracks the best value.
+        """
+        self.last_epoch = epoch
+        if self.is_better(value):
+            self.best = value
+            self.num_bad_epochs = 0
+        elif counts:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs <= self.cfg.patience:
+            return None
+        bad = self.num_bad_epochs
+        old = self.factor
+        new = old * self.cfg.factor
+        if scheduled_lr > 0:
+            new = max(new, self.cfg.min_lr / scheduled_lr)
+        self.cooldown_counter = self.cfg.cooldown
+        self.num_bad_epochs = 0
+        if old - new <= 1e-12:
+            return None
+        self.factor = new
+        self.num_reductions += 1
+        return (f"plateau: {self.cfg.metric} has not improved for {bad} epochs (best {self.best:.4g}); "
+                f"LR {scheduled_lr * old:.2e} -> {scheduled_lr * new:.2e}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "num_bad_epochs": self.num_bad_epochs, "cooldown_counter": self.cooldown_counter,
+                "factor": self.factor, "num_reductions": self.num_reductions, "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("best", "num_bad_epochs", "cooldown_counter", "factor", "num_reductions", "last_epoch"):
+            setattr(self, key, state[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler the trainer steps.
+# ---------------------------------------------------------------------------------------------
+
+
+class LRScheduler:
+    """Sets `group['lr']` of every param group to base_lr_g x warmup x decay x plateau.
+
+    Call `step()` once after every optimizer update that really happened, and `end_epoch()` once
+    per epoch with the validation metrics. `optimizer=None` previews the schedule without one.
+    """
+
+    def __init__(self, optimizer: Any, cfg: ScheduleConfig, base_lrs: list[float], warmup_steps: int,
+                 steps_per_epoch: int, total_steps: int):
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.base_lrs = list(base_lrs)
+        self.warmup_steps = warmup_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.num_steps = 0
+        """Optimizer updates taken so far."""
+        self.plateau = Plateau(cfg.plateau) if cfg.plateau.enabled else None
+        self._apply()
+
+    @property
+    def plateau_factor(self) -> float:
+        return self.plateau.factor if self.plateau else 1.0
+
+    def lrs_at(self, k: int) -> list[float]:
+        """LRs (one per param group) that optimizer step k uses, with the current plateau factor."""
+        out = []
+        for base in self.base_lrs:
+            lr = scheduled_lr(k, base, self.cfg, self.warmup_steps, self.steps_per_epoch, self.total_steps)
+            lr *= self.plateau_factor
+            if k > self.warmup_steps:
+                lr = max(self.cfg.min_lr, lr)
+            out.append(lr)
+        return out
+
+    def get_last_lr(self) -> list[float]:
+        """LRs the next optimizer step will use (what is set in the optimizer now)."""
+        return self.lrs_at(self.num_steps + 1)
+
+    def _apply(self) -> None:
+        if self.optimizer is not None:
+            for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+                group["lr"] = lr
+
+    def step(self) -> None:
+        self.num_steps += 1
+        self._apply()
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> str | None:
+        """Feed the plateau with this epoch's validation metrics; returns a message on a reduction."""
+        if self.plateau is None:
+            return None
+        name = self.cfg.plateau.metric
+        if name not in metrics:
+            raise KeyError(f"schedule.plateau.metric: {name!r} is not a validation metric of this task "
+                           f"(have: {', '.join(sorted(metrics))})")
+        k = self.num_steps + 1
+        scheduled = scheduled_lr(k, self.base_lrs[0], self.cfg, self.warmup_steps, self.steps_per_epoch,
+                                 self.total_steps)
+        message = self.plateau.step(float(metrics[name]), scheduled, epoch, counts=self.num_steps >= self.warmup_steps)
+        self._apply()
+        return message
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "base_lrs": self.base_lrs, "warmup_steps": self.warmup_steps,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_steps = int(state["num_steps"])
+        self.base_lrs = list(state["base_lrs"])
+        self.warmup_steps = int(state["warmup_steps"])
+        self.steps_per_epoch = int(state["steps_per_epoch"])
+        self.total_steps = int(state["total_steps"])
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        self._apply()
+
+
+# ---------------------------------------------------------------------------------------------
+# Preview: python -m launcher.schedule --recipe R
+# ---------------------------------------------------------------------------------------------
+
+
+def preview(cfg: ScheduleConfig, base_lr: float, warmup_steps: int, steps_per_epoch: int,
+            total_steps: int) -> dict[str, Any]:
+    """The LR of every optimizer step and at the end of every epoch, through the trainer's scheduler."""
+    sched = LRScheduler(None, cfg, [base_lr], warmup_steps, steps_per_epoch, total_steps)
+    steps = []
+    for _ in range(total_steps):
+        steps.append(sched.get_last_lr()[0])
+        sched.step()
+    epochs = []
+    for e in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
+        k = min(e * steps_per_epoch, total_steps)
+        epochs.append({"epoch": e, "lr": steps[k - 1], "phase": phase(k, cfg, warmup_steps)})
+    return {"steps": steps, "epochs": epochs}
+
+
+def _plot(steps: list[float], steps_per_epoch: int, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([(i + 1) / steps_per_epoch for i in range(len(steps))], steps)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(recipe: str | None = None, steps_per_epoch: int | None = None, num_epochs: int | None = None,
+         num_processes: int = 1, plot: str | None = None, json: bool = False, **overrides: Any) -> None:
+    """Preview the exact LR of every optimizer step of a recipe (same code as the trainer).
+
+    Args:
+      recipe: recipe YAML.
+      steps_per_epoch: optimizer steps per epoch; default derived from the recipe's data and batch.
+      num_epochs: override train.num_epochs for the preview.
+      num_processes: processes the run will use (changes the global batch, LR scaling, steps per epoch).
+      plot: write a PNG of LR against epoch.
+      json: print {"steps": [...], "epochs": [...]} instead of the table.
+      overrides: dotted recipe overrides, e.g. --optim.lr=0.005.
+    """
+    import dataclasses
+
+    from launcher.config import load_config
+    from launcher.errors import UsageError
+    from launcher.plan import make_plan
+
+    if num_epochs is not None:
+        overrides["train.num_epochs"] = num_epochs
+    cfg = load_config(recipe, overrides)
+    if steps_per_epoch is not None:
+        if int(steps_per_epoch) < 1:
+            raise UsageError(f"--steps_per_epoch must be >= 1; got {steps_per_epoch}")
+        global_batch = cfg.train.batch_size * num_processes * cfg.train.grad_accum_steps
+        num_samples = int(steps_per_epoch) * global_batch
+    else:
+        from launcher.tasks import build_task
+
+        num_samples = len(build_task(cfg.task, cfg.data).train_set)
+    plan = make_plan(cfg, num_processes, num_samples)
+    result = preview(cfg.schedule, plan.base_lr, plan.warmup_steps, plan.steps_per_epoch, plan.total_steps)
+    if plot:
+        _plot(result["steps"], plan.steps_per_epoch, f"{cfg.name or 'recipe'}: LR schedule", plot)
+    if json:
+        print(_json_dumps({"steps": result["steps"],
+                           "epochs": [{"epoch": e["epoch"], "lr": e["lr"]} for e in result["epochs"]]}))
+        return
+    for line in plan.describe()[1:]:
+        print(line)
+    for row in result["epochs"]:
+        print(f"Epoch {row['epoch']}: {row['lr']:.6g} ({row['phase']})")
+    if cfg.schedule.plateau.enabled:
+        p = dataclasses.asdict(cfg.schedule.plateau)
+        print(f"note: plateau reduction (metric {p['metric']}, factor {p['factor']}, patience {p['patience']}, "
+              f"cooldown {p['cooldown']}) depends on validation metrics and is not in this preview")
+    if plot:
+        print(f"plot: {plot}")
+
+
+def _json_dumps(obj: Any) -> str:
+    return json.dumps(obj)
+
+
+def cli() -> None:
+    from launcher.errors import run_cli
+
+    run_cli(main, name="launcher.schedule")
+
+
+if __name__ == "__main__":
+    cli()

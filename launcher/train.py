@@ -1,0 +1,110 @@
+"""Train a recipe: `python -m launcher.train --recipe recipes/mnist1d.yaml [--a.b=v ...]`.
+
+Runs unchanged under `accelerate launch [--config_file accelerate_configs/X.yaml] -m launcher.train`,
+`torchrun -m launcher.train` or plain `python -m launcher.train` (one process).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from launcher.config import load_config, to_yaml
+from launcher.errors import UsageError, run_cli
+
+
+def main(recipe: str | None = None, output_dir: str | None = None, resume: str | None = None,
+         print_config: bool = False, **overrides: Any) -> None:
+    """Train a recipe on whatever Accelerate was configured for (CPU, GPUs, nodes).
+
+    Args:
+      recipe: recipe YAML (see recipes/). Required.
+      output_dir: run directory; default runs/<recipe>-<timestamp>. An existing one is never overwritten.
+      resume: `auto` (latest complete checkpoint in output_dir, or a fresh start) or a checkpoint path.
+      print_config: print the resolved recipe (defaults <- YAML <- overrides) and exit.
+      overrides: dotted recipe keys, e.g. --optim.lr=0.005 --train.num_epochs=30 --schedule.plateau.patience=5
+    """
+    if recipe is None and not print_config:
+        raise UsageError("--recipe is required, e.g. python -m launcher.train --recipe recipes/mnist1d.yaml")
+    cfg = load_config(recipe, overrides)
+    if print_config:
+        print(to_yaml(cfg), end="")
+        return
+    if resume is not None and resume != "auto" and not os.path.exists(str(resume)):
+        raise UsageError(f"--resume: checkpoint {resume!r} not found; pass --resume auto or a checkpoint directory")
+
+    from launcher.distributed import make_accelerator
+
+    accelerator = make_accelerator(cfg.train)
+    try:
+        run_dir = _claim_run_dir(accelerator, cfg.name or "run", output_dir, resume)
+        from launcher.trainer import Trainer
+
+        trainer = Trainer(cfg, run_dir, accelerator, resume=resume)
+    except BaseException:
+        _shutdown(accelerator)
+        raise
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    if accelerator.is_main_process:
+        _print_result(summary, run_dir)
+
+
+def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str | None) -> str:
+    """Agree on the run directory across ranks and create it on the main process only.
+
+    A fresh run refuses an existing non-empty directory (nothing is overwritten). With --resume the
+    directory may exist; config.yaml is written only if absent.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    decision: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        path = output_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        busy = os.path.isdir(path) and any(os.scandir(path))
+        problem = None
+        if os.path.exists(path) and not os.path.isdir(path):
+            problem = f"--output_dir {path!r} exists and is not a directory; choose another --output_dir"
+        elif busy and resume is None:
+            problem = (f"output directory {path!r} already exists; choose another --output_dir, "
+                       f"or pass --resume auto to continue that run")
+        decision = [os.path.abspath(path), problem]
+    # Every rank must learn the verdict before the main process creates anything.
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision, from_process=0)
+    path, problem = decision
+    if problem:
+        raise UsageError(problem)
+    if accelerator.is_main_process:
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _shutdown(accelerator) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _print_result(summary: dict, run_dir: str) -> None:
+    best = summary.get("best", {})
+    parts = [f"{name} {best[name]['value']:.4f} (epoch {best[name]['epoch']})" for name in sorted(best)]
+    print(f"{summary.get('status', 'done')}: {summary.get('final_step')} steps, {summary.get('final_epoch')} epochs "
+          f"in {summary.get('wall_seconds', 0):.1f}s; best " + ", ".join(parts), flush=True)
+    print(f"run directory: {run_dir}", flush=True)
+
+
+def cli() -> None:
+    run_cli(main, name="launcher.train")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,311 @@
+"""The training loop on Accelerate. Features are components the loop calls; the loop fits on a screen.
+
+Parts, declared up front in `Trainer.__init__`:
+  accelerator  launcher.distributed  device, processes, precision, accumulation
+  task         launcher.tasks        model, datasets, loss, metrics
+  plan         launcher.plan         global batch, steps per epoch, scaled LR, warmup steps
+  optimizer    launcher.optim        AdamW, no decay on biases / norms
+  scheduler    launcher.schedule     warmup x decay x plateau, stepped once per optimizer update
+  tracker      launcher.tracking     metrics.jsonl (+ W&B / TensorBoard) on the main process
+  summary      launcher.tracking     best / final values, time to accuracy targets
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from launcher.config import Config, to_dict, to_yaml
+from launcher.data import EpochSampler
+from launcher.distributed import describe_device, make_accelerator
+from launcher.optim import build_optimizer
+from launcher.plan import make_plan
+from launcher.schedule import LRScheduler
+from launcher.tasks import build_task
+from launcher.tracking import NullTracker, RunSummary, Tracker
+
+LOG_EVERY_N_STEPS = 25
+"""Host syncs for logging happen once per this many steps (and at epoch ends), not every step."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps taken (after accumulation); also the position in the data."""
+    epoch: int = 0
+    """Completed epochs."""
+    step_in_epoch: int = 0
+    elapsed: float = 0.0
+    """Seconds of training so far (carried across resumes)."""
+    status: str = "running"
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.accelerator = accelerator or make_accelerator(cfg.train)
+        acc = self.accelerator
+        self.is_main = acc.is_main_process
+
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.task = build_task(cfg.task, cfg.data)
+        self.plan = dataclasses.replace(
+            make_plan(cfg, acc.num_processes, len(self.task.train_set)),
+            distributed_type=str(acc.distributed_type).split(".")[-1], num_machines=_num_machines(),
+            device=describe_device(acc), mixed_precision=acc.mixed_precision)
+
+        model = self.task.model
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(model, cfg.optim, self.plan.base_lr, acc.device.type)
+        self.sampler = EpochSampler(len(self.task.train_set), self.plan.global_batch, cfg.train.seed)
+        train_loader, val_loader = self._loaders()
+        # The scheduler is NOT passed to prepare(): Accelerate would step it once per process.
+        self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
+            model, self.optimizer, train_loader, val_loader)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.scheduler = LRScheduler(self.optimizer, cfg.schedule, [g["lr"] for g in self.optimizer.param_groups],
+                                     self.plan.warmup_steps, self.plan.steps_per_epoch, self.plan.total_steps)
+        self.state = TrainState()
+        self.summary = RunSummary(cfg.tracking)
+        self.tracker = Tracker(run_dir) if self.is_main else NullTracker()
+        self._pending: list[tuple[int, float, list[float], torch.Tensor, torch.Tensor]] = []
+        self._bar = None
+        self._micro_losses: list[torch.Tensor] = []
+        self._last_lrs = self.scheduler.get_last_lr()
+
+    # ------------------------------------------------------------------------------------------
+    def _loaders(self):
+        from torch.utils.data import DataLoader
+
+        t, d = self.cfg.train, self.cfg.data
+        common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory and torch.cuda.is_available(),
+                      collate_fn=self.task.collate_fn, persistent_workers=d.num_workers > 0)
+        train = DataLoader(self.task.train_set, batch_size=t.batch_size, sampler=self.sampler, drop_last=True, **common)
+        val = DataLoader(self.task.val_set, batch_size=d.val_batch_size or 4 * t.batch_size, shuffle=False, **common)
+        return train, val
+
+    def log_start(self) -> None:
+        self.print(f"task: {self.task.description or self.cfg.task.name}; run directory: {self.run_dir}")
+        for line in self.plan.describe():
+            self.print(line)
+        if self.is_main:
+            config_path = os.path.join(self.run_dir, "config.yaml")
+            if not os.path.exists(config_path):
+                with open(config_path, "w") as f:
+                    f.write(to_yaml(self.cfg))
+            with open(os.path.join(self.run_dir, "plan.json"), "w") as f:
+                json.dump(self.plan.to_dict(), f, indent=2)
+        self.tracker.log_config(to_dict(self.cfg), self.plan.to_dict())
+
+    def print(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        self.log_start()
+        start = time.perf_counter() - self.state.elapsed
+        plan = self.plan
+        while self.state.epoch < plan.num_epochs and self.state.step < plan.total_steps:
+            epoch = self.state.epoch
+            self.sampler.set_epoch(epoch, self.state.step_in_epoch)
+            self.model.train()
+            self._open_bar(epoch)
+            epoch_start = time.perf_counter()
+            for batch in self.train_loader:
+                loss, grad_norm, stepped = self.train_step(batch)
+                if not stepped:
+                    continue
+                self.state.step += 1
+                self.state.step_in_epoch += 1
+                self._record(loss, grad_norm)
+                if self.state.step % LOG_EVERY_N_STEPS == 0:
+                    self._flush()
+                if self.state.step >= plan.total_steps:
+                    break
+            self._flush()
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+            self.state.elapsed = time.perf_counter() - start
+            metrics = self.evaluate() if self._eval_due() else {}
+            self.end_epoch(metrics, time.perf_counter() - epoch_start)
+            self.state.elapsed = time.perf_counter() - start
+        self.state.status = "completed"
+        return self.finish()
+
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """One micro-batch; returns (loss, grad norm, whether an optimizer step completed)."""
+        acc = self.accelerator
+        inputs, targets = self.task.split(batch)
+        with acc.accumulate(self.model):
+            loss = self.task.loss(self.model(inputs), targets)
+            acc.backward(loss)
+            grad_norm = None
+            if acc.sync_gradients:
+                max_norm = self.cfg.optim.clip_grad_norm or math.inf
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            self._micro_losses.append(loss.detach())
+            return loss, None, False
+        losses = [*self._micro_losses, loss.detach()]
+        self._micro_losses = []
+        step_loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        return step_loss, grad_norm, True
+
+    def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """Keep the step's values on the device; they are read back in bulk by `_flush`."""
+        epoch_frac = self.state.epoch + self.state.step_in_epoch / self.plan.steps_per_epoch
+        gn = grad_norm.detach().float() if isinstance(grad_norm, torch.Tensor) else torch.tensor(
+            math.nan if grad_norm is None else float(grad_norm), device=loss.device)
+        self._pending.append((self.state.step, epoch_frac, self._last_lrs, loss.detach().float(), gn))
+        self._last_lrs = self.scheduler.get_last_lr()
+
+    def _flush(self) -> None:
+        """One host sync (and one all-reduce) for all steps since the last flush."""
+        if not self._pending:
+            self.tracker.flush()
+            return
+        losses = torch.stack([p[3] for p in self._pending])
+        losses = self.accelerator.reduce(losses, reduction="mean")
+        norms = torch.stack([p[4] for p in self._pending]).tolist()
+        for (step, epoch, lrs, _, _), loss, norm in zip(self._pending, losses.tolist(), norms):
+            row = {"step": step, "epoch": round(epoch, 6), "lr": lrs[0], "train/loss": loss, "train/grad_norm": norm}
+            if len(lrs) > 1:
+                row.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
+            self.tracker.log(row)
+        last_loss = losses[-1].item()
+        self._pending.clear()
+        self.tracker.flush()
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self._last_lrs[0]:.2e}", refresh=False)
+            self._bar.n = self.state.step_in_epoch
+            self._bar.refresh()
+
+    # ------------------------------------------------------------------------------------------
+    def _eval_due(self) -> bool:
+        e = self.state.epoch
+        return e % self.cfg.train.eval_every_n_epochs == 0 or e >= self.plan.num_epochs \
+            or self.state.step >= self.plan.total_steps
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics averaged over the whole validation set, identical on every rank.
+
+        `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch, so
+        nothing is counted twice.
+        """
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for batch in self.val_loader:
+            inputs, targets = self.task.split(batch)
+            per_sample = self.task.metrics(self.model(inputs), targets)
+            gathered = self.accelerator.gather_for_metrics(per_sample)
+            for name, values in gathered.items():
+                sums[name] = sums.get(name, 0) + values.double().sum()
+            count += len(next(iter(gathered.values())))
+        means = {f"val/{k}": (v / count).item() for k, v in sums.items()}
+        if self.task.finalize is not None:
+            means.update({f"val/{k}": v for k, v in self.task.finalize(
+                {k.removeprefix("val/"): v for k, v in means.items()}).items()})
+        self.model.train()
+        return means
+
+    def end_epoch(self, metrics: dict[str, float], epoch_seconds: float) -> None:
+        s = self.state
+        if metrics:
+            row = {"step": s.step, "epoch": s.epoch, **metrics, "time/elapsed": s.elapsed,
+                   "time/epoch_seconds": epoch_seconds,
+                   "throughput/samples_per_sec": self.plan.steps_per_epoch * self.plan.global_batch / epoch_seconds}
+            if self.task.tokens_per_sample:
+                row["throughput/tokens_per_sec"] = row["throughput/samples_per_sec"] * self.task.tokens_per_sample
+            self.tracker.log(row)
+            self.tracker.flush()
+            self.summary.update(metrics, epoch=s.epoch, step=s.step, seconds=s.elapsed)
+        message = self.scheduler.end_epoch(s.epoch, metrics) if metrics else None
+        self._close_bar()
+        self.print(self._epoch_line(metrics, epoch_seconds))
+        if message:
+            self.print(message)
+
+    def _epoch_line(self, metrics: dict[str, float], seconds: float) -> str:
+        vals = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        return (f"epoch {self.state.epoch}/{self.plan.num_epochs}  step {self.state.step}  {vals}  "
+                f"lr {self.scheduler.get_last_lr()[0]:.3e}  {seconds:.1f}s")
+
+    # ------------------------------------------------------------------------------------------
+    def _open_bar(self, epoch: int) -> None:
+        self._last_lrs = self.scheduler.get_last_lr()
+        mode = self.cfg.train.progress_bar
+        if not self.is_main or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.plan.steps_per_epoch, initial=self.state.step_in_epoch,
+                         desc=f"epoch {epoch + 1}/{self.plan.num_epochs}", unit="step", leave=False, dynamic_ncols=True)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def finish(self) -> dict[str, Any]:
+        self._close_bar()
+        summary = self.summary.result(
+            final_step=self.state.step, final_epoch=self.state.epoch, wall_seconds=self.state.elapsed,
+            final_lr=self.scheduler.get_last_lr()[0], status=self.state.status)
+        if self.is_main:
+            tmp = os.path.join(self.run_dir, "summary.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(tmp, os.path.join(self.run_dir, "summary.json"))
+        self.tracker.set_summary(summary)
+        return summary
+
+    def close(self) -> None:
+        """Release trackers and the process group (gc first: avoids gloo's abort at exit, DESIGN.md)."""
+        self._close_bar()
+        self.tracker.close()
+        self.accelerator.wait_for_everyone()  # no rank tears down the group while another still logs
+        self.accelerator.free_memory()
+        gc.collect()
+        self.accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _num_machines() -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return max(1, world // max(1, local))
