@@ -14,7 +14,7 @@ Conventions (all counts are optimizer updates, after gradient accumulation):
 - Plateau: a factor (1, 0.5, 0.25, ...) multiplied on top, changed only at epoch ends from a
   validation metric that every rank computed over the whole validation set. It follows
   torch.optim.lr_scheduler.ReduceLROnPlateau step for step (best, bad epochs, cooldown), except
-  that epochs ending inside warmup never count as bad.
+  that epochs spent in warmup (ending at or before its last step) never count as bad.
 
 The scheduler is stepped once per optimizer update by the trainer and is never passed to
 `accelerator.prepare` (which would step it once per process: accelerate#2318).
@@ -199,7 +199,8 @@ class LRScheduler:
         k = self.num_steps + 1
         scheduled = scheduled_lr(k, self.base_lrs[0], self.cfg, self.warmup_steps, self.steps_per_epoch,
                                  self.total_steps)
-        message = self.plateau.step(float(metrics[name]), scheduled, epoch, counts=self.num_steps >= self.warmup_steps)
+        in_warmup = self.warmup_steps > 0 and self.num_steps <= self.warmup_steps
+        message = self.plateau.step(float(metrics[name]), scheduled, epoch, counts=not in_warmup)
         self._apply()
         return message
 
