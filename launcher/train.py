@@ -36,7 +36,7 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
 
     from launcher.distributed import make_accelerator
 
-    accelerator = make_accelerator(cfg.train)
+    accelerator = make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
     try:
         run_dir = _claim_run_dir(accelerator, cfg.name or "run", output_dir, resume)
         from launcher.trainer import Trainer

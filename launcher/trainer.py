@@ -26,7 +26,7 @@ import torch
 
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import EpochSampler
-from launcher.distributed import describe_device, make_accelerator
+from launcher.distributed import describe_device, describe_engine, engine_input_dtype, make_accelerator
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.schedule import LRScheduler
@@ -60,7 +60,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.accelerator = accelerator or make_accelerator(cfg.train)
+        self.accelerator = accelerator or make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
         acc = self.accelerator
         self.is_main = acc.is_main_process
 
@@ -95,6 +95,7 @@ class Trainer:
         self._bar = None
         self._micro_losses: list[torch.Tensor] = []
         self._last_lrs = self.scheduler.get_last_lr()
+        self._input_dtype = engine_input_dtype(acc)
 
     # ------------------------------------------------------------------------------------------
     def _loaders(self):
@@ -107,9 +108,16 @@ class Trainer:
         val = DataLoader(self.task.val_set, batch_size=d.val_batch_size or 4 * t.batch_size, shuffle=False, **common)
         return train, val
 
+    def _split(self, batch):
+        """(inputs, targets); floating inputs cast to the model's dtype when DeepSpeed runs it in fp16/bf16."""
+        inputs, targets = self.task.split(batch)
+        if self._input_dtype is not None:
+            inputs = _cast_floats(inputs, self._input_dtype)
+        return inputs, targets
+
     def log_start(self) -> None:
         self.print(f"task: {self.task.description or self.cfg.task.name}; run directory: {self.run_dir}")
-        for line in self.plan.describe():
+        for line in [*self.plan.describe(), *describe_engine(self.accelerator)]:
             self.print(line)
         if self.is_main:
             config_path = os.path.join(self.run_dir, "config.yaml")
@@ -163,7 +171,7 @@ class Trainer:
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """One micro-batch; returns (loss, grad norm, whether an optimizer step completed)."""
         acc = self.accelerator
-        inputs, targets = self.task.split(batch)
+        inputs, targets = self._split(batch)
         with acc.accumulate(self.model):
             loss = self.task.loss(self.model(inputs), targets)
             acc.backward(loss)
@@ -229,7 +237,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for batch in self.val_loader:
-            inputs, targets = self.task.split(batch)
+            inputs, targets = self._split(batch)
             per_sample = self.task.metrics(self.model(inputs), targets)
             gathered = self.accelerator.gather_for_metrics(per_sample)
             for name, values in gathered.items():
@@ -303,6 +311,16 @@ class Trainer:
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
 
 
 def _num_machines() -> int:
