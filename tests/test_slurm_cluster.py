@@ -1,0 +1,183 @@
+"""The rendered templates on a real one-node Slurm cluster (started by the fixture, see
+tests/slurm_cluster.py): a training job completes, and the preemption signal path works end to
+end (signal -> training processes -> exit 124 -> requeue -> the next start sees SLURM_RESTART_COUNT=1)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import slurm_cluster
+
+from launcher import slurm
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = str(REPO / "recipes" / "mnist1d.yaml")
+CPU_CONFIG = str(REPO / "accelerate_configs" / "cpu_ddp.yaml")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[slurm_cluster.Cluster]:
+    """A running cluster; skipped only when Slurm cannot be installed here, any other problem fails."""
+    try:
+        running, started_now = slurm_cluster.start()
+    except slurm_cluster.SlurmUnavailable as err:
+        pytest.skip(str(err))
+    yield running
+    if started_now:
+        slurm_cluster.stop(running.state_dir)
+
+
+@pytest.fixture
+def slurm_env(cluster, monkeypatch, tmp_path) -> slurm_cluster.Cluster:
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.chdir(REPO)
+    return cluster
+
+
+def render(argv: list[str]) -> Path:
+    assert slurm.main(["render", *argv]) == 0
+    return Path(argv[argv.index("--output_dir") + 1]) / "slurm" / "job.sbatch"
+
+
+def job_info(cluster: slurm_cluster.Cluster, job_id: str) -> dict[str, str]:
+    out = cluster.run("scontrol", "show", "job", "-o", job_id).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for_end(cluster: slurm_cluster.Cluster, job_id: str, log: Path, timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(cluster, job_id)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        time.sleep(0.5)
+    cluster.run("scancel", job_id, check=False)
+    text = log.read_text() if log.exists() else "(no log)"
+    raise AssertionError(f"job {job_id} still {job_info(cluster, job_id).get('JobState')} after {timeout} s:\n{text}")
+
+
+def wait_for_files(pattern: str, where: Path, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(where.glob(pattern))) < count:
+        assert time.monotonic() < deadline, f"no {count} x {pattern} in {where} after {timeout} s"
+        time.sleep(0.1)
+
+
+def test_training_job_completes(slurm_env, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert slurm.main(["submit", "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", "--num_processes", "2",
+                       "--time", "00:05:00", "--accelerate_config", CPU_CONFIG, "--output_dir", str(run_dir),
+                       "--", "--train.num_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    job_id = re.search(r"^job (\d+)$", out, re.M).group(1)
+    log = Path(re.search(r"^log (.+)$", out, re.M).group(1))
+    assert log == run_dir / "slurm" / f"mnist1d-{job_id}.out"
+
+    info = wait_for_end(slurm_env, job_id, log, timeout=90)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "training exited with status 0" in text
+    assert "2 process(es)" in text  # two real training processes, not two independent runs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary, text
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(row.get("epoch", 0) for row in rows) == 2
+
+
+# A stand-in for launcher.train that keeps the trainer's contract on the preemption signal
+# (checkpoint, exit 124) without training: each rank notes what it saw in the run directory.
+STANDIN = """\
+import os, signal, sys, time
+args = sys.argv[1:]
+run_dir = args[args.index("--output_dir") + 1]
+assert args[args.index("--resume") + 1] == "auto"
+rank = os.environ.get("RANK", "0")
+start = os.environ.get("SLURM_RESTART_COUNT", "0")
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+open(os.path.join(run_dir, f"ready-{start}-{rank}"), "w").close()
+if start != "0":
+    sys.exit(0)  # the requeued start: "resume" and finish
+deadline = time.time() + 50
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+if not got:
+    sys.exit(3)
+open(os.path.join(run_dir, f"signalled-{rank}"), "w").close()
+sys.exit(124)  # checkpoint saved
+"""
+
+
+def render_with_standin(tmp_path: Path, argv: list[str]) -> tuple[Path, Path]:
+    """Render a CPU job, then point its training command at the stand-in (everything else unchanged)."""
+    standin = tmp_path / "standin.py"
+    standin.write_text(STANDIN)
+    run_dir = tmp_path / "run"
+    script_path = render([*argv, "--output_dir", str(run_dir)])
+    text = script_path.read_text()
+    assert text.count(" -m launcher.train ") == 1
+    script_path.write_text(text.replace(" -m launcher.train ", f" {standin} "))
+    return script_path, run_dir
+
+
+def submit(cluster: slurm_cluster.Cluster, script_path: Path) -> str:
+    return cluster.run("sbatch", "--parsable", str(script_path)).stdout.strip().split(";")[0]
+
+
+def test_preemption_signal_reaches_training_and_the_job_requeues(slurm_env, tmp_path):
+    script_path, run_dir = render_with_standin(tmp_path, [
+        "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", "--num_processes", "2", "--time", "00:05:00"])
+    job_id = submit(slurm_env, script_path)
+    log = run_dir / "slurm" / f"mnist1d-{job_id}.out"
+    wait_for_files("ready-0-*", run_dir, 2, timeout=40)
+    # What --signal=USR1@N does at the deadline: signal every process of the job's steps, not the batch shell.
+    slurm_env.run("scancel", "--signal=USR1", job_id)
+
+    info = wait_for_end(slurm_env, job_id, log, timeout=50)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert info["Restarts"] == "1", text
+    assert sorted(p.name for p in run_dir.glob("signalled-*")) == ["signalled-0", "signalled-1"]
+    assert sorted(p.name for p in run_dir.glob("ready-1-*")) == ["ready-1-0", "ready-1-1"]  # SLURM_RESTART_COUNT=1
+    assert "training exited with status 124" in text
+    assert "requeue 1 of at most 10" in text
+    assert f"job {job_id} start 2" in text  # same job id, log appended
+    assert re.findall(r"training exited with status (\d+)", text) == ["124", "0"]
+
+
+@pytest.mark.slow
+def test_time_limit_signal_checkpoints_and_requeues(slurm_env, tmp_path):
+    """The template's own #SBATCH --signal (no scancel). Slurm checks every 30 s and signals once the
+    time left is <= 20 + 30 s: 10-40 s after the start, when the stand-in is surely listening."""
+    script_path, run_dir = render_with_standin(tmp_path, [
+        "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", "--time", "00:01:00", "--signal_seconds", "20"])
+    job_id = submit(slurm_env, script_path)
+    log = run_dir / "slurm" / f"mnist1d-{job_id}.out"
+    info = wait_for_end(slurm_env, job_id, log, timeout=90)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert (run_dir / "signalled-0").exists() and (run_dir / "ready-1-0").exists()
+
+
+def test_requeues_stop_at_the_limit(slurm_env, tmp_path):
+    script_path, run_dir = render_with_standin(tmp_path, [
+        "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", "--time", "00:05:00", "--max_requeues", "0"])
+    job_id = submit(slurm_env, script_path)
+    log = run_dir / "slurm" / f"mnist1d-{job_id}.out"
+    wait_for_files("ready-0-0", run_dir, 1, timeout=40)
+    slurm_env.run("scancel", "--signal=USR1", job_id)
+    info = wait_for_end(slurm_env, job_id, log, timeout=40)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text
+    assert info["ExitCode"] == "124:0", text
+    assert "already requeued 0 times (limit 0)" in text
