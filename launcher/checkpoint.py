@@ -1,0 +1,415 @@
+"""Checkpoints that count only once complete, exact resume, rotation (last K + best).
+
+Layout: `<run_dir>/checkpoints/step_<N:08d>/`
+
+  model.safetensors, optimizer.bin, ...  `accelerator.save_state` (DDP: written by the main process;
+                                         DeepSpeed / FSDP: every rank writes its shard)
+  rng_<rank>.pt                          python, numpy, torch (and CUDA) RNG states of every rank
+  state.json                             TrainState, LR scheduler (incl. plateau), RunSummary, tracker run id
+  meta.json                              step, epoch, reason, validation metrics, world size, the recipe
+                                         values that matter and the model's parameter shapes
+  COMPLETE                               manifest {file: size}, written and fsynced last
+
+Every rank writes into `checkpoints/.tmp-step_<N>/`; once all have finished, the main process writes
+the manifest, fsyncs and renames the folder to `step_<N>` (`os.replace`), then deletes old ones.
+A folder without a valid manifest is never loaded. Everything is loaded with
+`torch.load(weights_only=True)` or safetensors; state.json and meta.json are plain JSON.
+
+List a run's checkpoints: `python -m launcher.checkpoint runs/NAME`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.config import CheckpointConfig, Config, flatten, to_dict
+from launcher.errors import UsageError
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+MATTERS = ("task.", "optim.", "schedule.", "train.batch_size", "train.grad_accum_steps", "train.seed",
+           "train.num_epochs", "train.max_steps")
+"""Recipe keys that must be equal for a resumed run to continue the same trajectory."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def compat_values(cfg: Config, num_train_samples: int) -> dict[str, Any]:
+    """The recipe values that matter for resuming (flattened, JSON-safe) plus the data size."""
+    flat = flatten(to_dict(cfg))
+    values = {k: v for k, v in flat.items() if any(k == m or k.startswith(m) for m in MATTERS)}
+    values["data.num_train_samples"] = num_train_samples
+    return json.loads(json.dumps(values))
+
+
+def param_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Parameter name -> shape of the model inside any DDP / DeepSpeed / torch.compile wrapper."""
+    # (accelerator.unwrap_model would do, but it imports deepspeed: a second per process.)
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    # ZeRO-3 keeps a placeholder locally; the real shape is in ds_shape.
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints (pure file-system code, no distributed state)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    step: int
+    meta: dict[str, Any]
+
+    def metric(self, name: str) -> float | None:
+        value = (self.meta.get("metrics") or {}).get(name)
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def inspect(path: str) -> tuple[Checkpoint | None, str | None]:
+    """(checkpoint, None) if `path` is complete: manifest present and every file of the size it lists."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return None, f"no {MARKER} manifest (interrupted while being written)"
+    try:
+        with open(marker) as f:
+            manifest = json.load(f)
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        return None, f"unreadable manifest or meta.json ({err})"
+    for rel, size in manifest.get("files", {}).items():
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return None, f"{rel} is missing"
+        if os.path.getsize(file) != size:
+            return None, f"{rel} has {os.path.getsize(file)} bytes, the manifest says {size}"
+    if meta.get("format_version") != FORMAT_VERSION:
+        return None, f"format version {meta.get('format_version')} (this code reads {FORMAT_VERSION})"
+    return Checkpoint(path=path, step=int(meta["step"]), meta=meta), None
+
+
+def scan(checkpoints_dir: str) -> list[tuple[str, Checkpoint | None, str | None]]:
+    """All `step_N` folders, newest first, each with its checkpoint or what is wrong with it."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    found = []
+    for entry in os.scandir(checkpoints_dir):
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry.path))
+    return [(path, *inspect(path)) for _, path in sorted(found, reverse=True)]
+
+
+def latest(checkpoints_dir: str, warn=None) -> Checkpoint | None:
+    """The newest complete checkpoint; incomplete or damaged ones are reported to `warn` and skipped."""
+    for path, ckpt, problem in scan(checkpoints_dir):
+        if ckpt is not None:
+            return ckpt
+        if warn is not None:
+            warn(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def select_kept(entries: list[tuple[int, float | None]], keep_last: int, best_mode: str | None) -> set[int]:
+    """Steps to keep among (step, metric) pairs: the last `keep_last`, plus the best metric if best_mode.
+
+    Ties go to the earliest step (the first time the value was reached).
+    """
+    steps = sorted(step for step, _ in entries)
+    keep = set(steps[-keep_last:]) if keep_last > 0 else set()
+    scored = [(value if best_mode == "min" else -value, step) for step, value in entries
+              if value is not None and math.isfinite(value)]
+    if best_mode and scored:
+        keep.add(min(scored)[1])
+    return keep
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading (every rank calls these together)
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and loads `step_N` checkpoints; every rank must call `save`, `resolve` and `load` together."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: str, accelerator, model: torch.nn.Module,
+                 compat: dict[str, Any], faults=None):
+        self.cfg = cfg
+        self.dir = os.path.join(run_dir, CHECKPOINTS)
+        self.accelerator = accelerator
+        self.model = model
+        self.compat = compat
+        self.faults = faults
+        self.last_saved: str | None = None
+        self._warned_metric = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def due(self, step: int, step_in_epoch: int, steps_per_epoch: int, total_steps: int) -> bool:
+        """A step checkpoint now? Not at an epoch's last step: the end-of-epoch one follows the evaluation."""
+        n = self.cfg.every_n_steps
+        return (self.cfg.enabled and n > 0 and step % n == 0 and step_in_epoch < steps_per_epoch
+                and step < total_steps)
+
+    # -- save ------------------------------------------------------------------------------------
+    def save(self, step: int, epoch: float, state: dict[str, Any], metrics: dict[str, float] | None = None,
+             reason: str = "step") -> str:
+        acc = self.accelerator
+        name = checkpoint_name(step)
+        tmp = os.path.join(self.dir, TMP_PREFIX + name)
+        final = os.path.join(self.dir, name)
+        self._check_finite(step)
+        if self.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            for entry in os.scandir(self.dir):  # leftovers of saves that were killed
+                if entry.name.startswith(TMP_PREFIX) and entry.is_dir():
+                    shutil.rmtree(entry.path)
+            os.makedirs(tmp)
+        # Other ranks write their files into tmp: it must exist, and be cleared, before they start.
+        acc.wait_for_everyone()
+        acc.save_state(tmp, safe_serialization=True)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
+        if self.is_main:
+            _write_json(os.path.join(tmp, "state.json"), state)
+            _write_json(os.path.join(tmp, "meta.json"), {
+                "format_version": FORMAT_VERSION, "step": step, "epoch": epoch, "reason": reason,
+                "metrics": metrics or {}, "world_size": acc.num_processes, "compat": self.compat,
+                "param_shapes": param_shapes(self.model)})
+        if self.faults is not None and self.is_main:
+            self.faults.in_save(step)
+        # The manifest may list the files only once every rank has finished writing its own.
+        acc.wait_for_everyone()
+        if self.is_main:
+            self._commit(tmp, final, step)
+            self._rotate()
+        # No rank may move on (and e.g. exit after preemption, making the launcher kill the main
+        # process) before the checkpoint has been renamed into place.
+        acc.wait_for_everyone()
+        self.last_saved = final
+        return final
+
+    def _check_finite(self, step: int) -> None:
+        """Refuse to checkpoint NaN/inf weights (they would replace a good checkpoint in the rotation)."""
+        acc = self.accelerator
+        params = [p.detach() for p in self.model.parameters() if p.numel()]
+        bad = torch.stack([~torch.isfinite(p).all() for p in params]).any().float().reshape(1) if params \
+            else torch.zeros(1, device=acc.device)
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad.to(acc.device), reduction="sum")
+        if bad.item() > 0:
+            raise RuntimeError(f"step {step}: the model has non-finite weights; not checkpointing them "
+                               f"(last good checkpoint: {self.last_saved or 'none'})")
+
+    def _commit(self, tmp: str, final: str, step: int) -> None:
+        files = {}
+        for root, _, names in os.walk(tmp):
+            for file in names:
+                path = os.path.join(root, file)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                files[os.path.relpath(path, tmp)] = os.path.getsize(path)
+        _write_json(os.path.join(tmp, MARKER), {"format_version": FORMAT_VERSION, "step": step, "files": files})
+        _fsync_dir(tmp)
+        stale = None
+        if os.path.exists(final):  # the same step saved again (e.g. preempted right after a resume)
+            stale = os.path.join(self.dir, f"{TMP_PREFIX}old-{os.path.basename(final)}")
+            os.replace(final, stale)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        if stale:
+            shutil.rmtree(stale)
+
+    def _rotate(self) -> None:
+        complete = [ckpt for _, ckpt, _ in scan(self.dir) if ckpt is not None]
+        mode = self.cfg.best_mode if self.cfg.keep_best else None
+        entries = [(c.step, c.metric(self.cfg.best_metric)) for c in complete]
+        if mode and any(c.meta.get("metrics") for c in complete) and all(v is None for _, v in entries) \
+                and not self._warned_metric:
+            self._warned_metric = True
+            self._print(f"warning: checkpoint.best_metric {self.cfg.best_metric!r} is not a validation metric of "
+                        f"this task (have: {', '.join(sorted(complete[0].meta['metrics']))}); no best checkpoint is kept")
+        keep = select_kept(entries, self.cfg.keep_last, mode)
+        for c in complete:
+            if c.step not in keep:
+                shutil.rmtree(c.path, ignore_errors=True)
+
+    # -- resume ----------------------------------------------------------------------------------
+    def resolve(self, resume: str) -> str | None:
+        """The checkpoint to resume from (the main process decides, every rank gets the answer).
+
+        `auto`: the newest complete checkpoint of this run, None if there is none. A path: a
+        checkpoint folder, or a run / checkpoints folder (its newest complete checkpoint).
+        """
+        decision: list[Any] = [None, None]
+        if self.is_main:
+            decision = list(self._find(resume))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(decision, from_process=0)
+        path, problem = decision
+        if problem:
+            raise UsageError(problem)
+        return path
+
+    def _find(self, resume: str) -> tuple[str | None, str | None]:
+        warn = self._print
+        if resume == "auto":
+            ckpt = latest(self.dir, warn=lambda m: warn(f"warning: {m}"))
+            return (ckpt.path if ckpt else None), None
+        path = os.path.abspath(resume)
+        if _STEP_DIR.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, "meta.json")):
+            ckpt, problem = inspect(path)
+            if ckpt is None:
+                return None, (f"--resume: checkpoint {resume!r} is not usable: {problem}; "
+                              f"pass --resume auto or an earlier checkpoint")
+            return ckpt.path, None
+        folder = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) else path
+        ckpt = latest(folder, warn=lambda m: warn(f"warning: {m}"))
+        if ckpt is None:
+            return None, (f"--resume: no complete checkpoint in {resume!r}; pass a run directory, a "
+                          f"checkpoints/step_N folder, or --resume auto to start fresh when there is none")
+        return ckpt.path, None
+
+    def check_compatible(self, path: str) -> dict[str, Any]:
+        """meta.json of `path`, or UsageError saying what differs from this run."""
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        name = os.path.basename(path)
+        acc = self.accelerator
+        if meta["world_size"] != acc.num_processes:
+            raise UsageError(
+                f"--resume: {name} was written by {meta['world_size']} process(es), this run has {acc.num_processes}; "
+                f"the data order, RNG streams and optimizer shards would not match: resume with "
+                f"{meta['world_size']} process(es), or start a fresh run in another --output_dir")
+        old, new = meta["compat"], self.compat
+        diffs = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diffs:
+            raise UsageError(f"--resume: {name} was trained with different recipe values ({'; '.join(diffs)}); "
+                             f"resume with the run's own config.yaml as --recipe, or start a fresh run in "
+                             f"another --output_dir")
+        shapes = param_shapes(self.model)
+        saved = meta["param_shapes"]
+        wrong = [f"{k} {saved.get(k)} -> {shapes.get(k)}" for k in sorted(set(saved) | set(shapes))
+                 if saved.get(k) != shapes.get(k)]
+        if wrong:
+            more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+            raise UsageError(f"--resume: the model's parameters differ from {name}: {'; '.join(wrong[:3])}{more}; "
+                             f"resume with the same task.model and task.options")
+        return meta
+
+    def load(self, path: str) -> dict[str, Any]:
+        """Check compatibility, load model / optimizer / scaler / RNG on every rank, return state.json."""
+        self.check_compatible(path)
+        acc = self.accelerator
+        acc.load_state(path)
+        set_rng_state(torch.load(os.path.join(path, f"rng_{acc.process_index}.pt"), weights_only=True))
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        self.last_saved = path
+        return state
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: list a run's checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def main(run_dir: str) -> None:
+    """List the checkpoints of a run: step, epoch, why it was written, metrics, and whether it is usable.
+
+    Args:
+      run_dir: a run directory (holding checkpoints/) or its checkpoints/ folder.
+    """
+    folder = os.path.join(run_dir, CHECKPOINTS) if os.path.isdir(os.path.join(run_dir, CHECKPOINTS)) else run_dir
+    if not os.path.isdir(folder):
+        raise UsageError(f"{run_dir!r} is not a run directory; pass e.g. runs/mnist1d-20250101-120000")
+    rows = scan(folder)
+    if not rows:
+        print(f"no checkpoints in {folder}")
+        return
+    newest = next((c.path for _, c, _ in rows if c is not None), None)
+    for path, ckpt, problem in rows:
+        if ckpt is None:
+            print(f"{os.path.basename(path)}  NOT USABLE: {problem}")
+            continue
+        m = ckpt.meta
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in (m.get("metrics") or {}).items())
+        tag = "  <- --resume auto" if path == newest else ""
+        print(f"{os.path.basename(path)}  epoch {m['epoch']:g}  {m['reason']}  {metrics}{tag}")
+
+
+def cli() -> None:
+    from launcher.errors import run_cli
+
+    run_cli(main, name="launcher.checkpoint")
+
+
+if __name__ == "__main__":
+    cli()
