@@ -1,0 +1,777 @@
+"""Compare runs: time to accuracy targets, best and final values, LR; one table and one plot.
+
+    python -m launcher.compare RUN [RUN ...] [--targets 0.5,0.8,0.9] [--metric val/accuracy]
+                               [--plot out.png] [--format table|markdown|csv|json]
+    python -m launcher.compare --train recipes/mnist1d_baseline.yaml recipes/mnist1d_fast.yaml
+                               [--seeds 3] [--output_dir runs/compare-X] [--a.b=v ...]
+
+A RUN is a local run directory (config.yaml, metrics.jsonl, summary.json), a W&B offline run
+(`wandb/offline-run-*` or its `run-*.wandb` file; a `wandb/` folder reads every run in it), or a W&B
+path `entity/project/run_id` or `entity/project/group:NAME` (needs network and an API key).
+
+Every number is computed from the logged rows themselves, not taken from summary.json: the epochs
+(and steps, seconds) to a target are those of the first evaluation at which the metric reached it.
+Runs whose configs differ only in `train.seed` (and in keys that do not change training: the run
+name, tracking, checkpointing, data loading) form one group, shown as mean ± std over n seeds.
+Ratios are relative to the first group: "3.0x fewer epochs to 80%".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UsageError, run_cli
+
+DEFAULT_TARGETS = (0.5, 0.8, 0.9, 0.95)
+FORMATS = ("table", "markdown", "csv", "json")
+
+# Keys that never change what a run learns: left out when deciding which runs are seeds of one setup.
+_NOT_TRAINING = ("name", "train.seed", "train.progress_bar", "data.root", "data.num_workers", "data.pin_memory",
+                 "data.val_batch_size")
+_NOT_TRAINING_PREFIXES = ("tracking.", "checkpoint.", "_")
+_PLAN_KEYS_THAT_MATTER = ("plan.num_processes", "plan.global_batch")
+
+_WANDB_PATH = re.compile(r"^[\w.-]+/[\w.-]+/(group:.+|[\w-]+)$")
+
+
+@dataclass
+class Run:
+    """One run's metrics, wherever they came from."""
+
+    name: str
+    source: str
+    config: dict[str, Any] = field(default_factory=dict)
+    """Flat (`optim.lr`), plus `plan.*` where known."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """metrics.jsonl rows (or W&B history rows), in step order."""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+
+
+def load_runs(spec: str) -> list[Run]:
+    """A RUN argument -> one or more runs (a W&B group or a `wandb/` folder can hold several)."""
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".wandb":
+        return [read_wandb_offline([path])]
+    if path.is_dir():
+        if (path / "metrics.jsonl").is_file():
+            return [read_local(path)]
+        offline = _offline_runs(path)
+        if offline:
+            return [read_wandb_offline(files) for files in offline]
+        raise UsageError(f"run {spec!r} has no metrics.jsonl and no W&B offline run (wandb/offline-run-*); "
+                         "pass a run directory written by launcher.train")
+    if not path.exists() and _WANDB_PATH.match(spec):
+        return read_wandb_online(spec)
+    raise UsageError(f"run {spec!r} not found: pass a run directory (with metrics.jsonl), a W&B offline run "
+                     "(wandb/offline-run-*), or a W&B path entity/project/run_id")
+
+
+def _flat(tree: dict) -> dict[str, Any]:
+    from launcher.config import flatten
+
+    return flatten(tree)
+
+
+def read_local(path: Path) -> Run:
+    """A run directory written by launcher.train: config.yaml, plan.json, metrics.jsonl, summary.json."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    if (path / "config.yaml").is_file():
+        try:
+            config = _flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
+        except yaml.YAMLError:
+            raise UsageError(f"{path / 'config.yaml'} is not valid YAML; fix or remove it") from None
+    if (path / "plan.json").is_file():
+        with contextlib.suppress(ValueError):
+            config.update({f"plan.{k}": v for k, v in json.loads((path / "plan.json").read_text()).items()})
+    rows = []
+    with open(path / "metrics.jsonl", encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed run
+    summary = {}
+    if (path / "summary.json").is_file():
+        with contextlib.suppress(ValueError):
+            summary = json.loads((path / "summary.json").read_text())
+    return Run(name=path.resolve().name, source=str(path), config=config, rows=rows, summary=summary)
+
+
+def _offline_runs(path: Path) -> list[list[Path]]:
+    """The `.wandb` files under a run dir, a `wandb/` folder or an `offline-run-*` folder, by run id.
+
+    A resumed run writes one offline folder per start, all with the same id; they are read in order.
+    """
+    candidates = [path, path / "wandb"]
+    files: list[Path] = []
+    for folder in candidates:
+        if folder.is_dir():
+            files += sorted(folder.glob("run-*.wandb")) + sorted(folder.glob("offline-run-*/run-*.wandb"))
+    by_id: dict[str, list[Path]] = {}
+    for f in files:
+        by_id.setdefault(f.stem.removeprefix("run-"), []).append(f)
+    return list(by_id.values())
+
+
+# The `.wandb` file is a LevelDB-style log of protobuf `Record`s: a 7-byte file header, then 32 KiB
+# blocks of chunks, each with a header (crc32, length, type); FIRST/MIDDLE/LAST chunks join into one.
+_BLOCK = 32768
+_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def read_wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf records of a W&B transaction log (`run-*.wandb`), up to the first damaged chunk."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    if len(data) < _HEADER or data[:4] != b":W&B":
+        raise UsageError(f"{path} is not a W&B run file (.wandb)")
+    pos, parts = _HEADER, None
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:
+            pos += left  # block trailer padding
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if crc == 0 and length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            return  # a run still being written, or cut off by a kill
+        pos += _HEADER + length
+        if kind == _FULL:
+            payload = chunk
+        elif kind == _FIRST:
+            parts = [chunk]
+            continue
+        elif kind == _MIDDLE and parts is not None:
+            parts.append(chunk)
+            continue
+        elif kind == _LAST and parts is not None:
+            payload, parts = b"".join([*parts, chunk]), None
+        else:
+            return
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
+def _item_key(item: Any) -> str:
+    return item.key or ".".join(item.nested_key)
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def read_wandb_offline(files: list[Path]) -> Run:
+    """One W&B run from its offline transaction log(s): config, history rows, summary."""
+    config: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    name = files[0].stem.removeprefix("run-")
+    for path in files:
+        segment: list[dict[str, Any]] = []
+        for record in read_wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                name = record.run.display_name or record.run.run_id or name
+                for item in record.run.config.update:
+                    config[_item_key(item)] = _json_value(item.value_json)
+            elif kind == "config":
+                for item in record.config.update:
+                    config[_item_key(item)] = _json_value(item.value_json)
+                for item in record.config.remove:
+                    config.pop(_item_key(item), None)
+            elif kind == "history":
+                row = {_item_key(i): _json_value(i.value_json) for i in record.history.item}
+                segment.append({k: v for k, v in row.items() if not k.startswith("_")} | (
+                    {"step": row["_step"]} if "step" not in row and "_step" in row else {}))
+            elif kind == "summary":
+                for item in record.summary.update:
+                    summary[_item_key(item)] = _json_value(item.value_json)
+                for item in record.summary.remove:
+                    summary.pop(_item_key(item), None)
+        if segment and rows:  # a resumed start redoes the steps after its checkpoint
+            first = segment[0].get("step", 0)
+            rows = [r for r in rows if r.get("step", 0) < first]
+        rows += segment
+    config = {k: v for k, v in _flat(config).items() if not k.startswith("_")}
+    return Run(name=name, source=str(files[0].parent), config=config, rows=rows, summary=summary)
+
+
+def read_wandb_online(spec: str) -> list[Run]:
+    """`entity/project/run_id` or `entity/project/group:NAME` through the W&B public API."""
+    from launcher.tracking import have_wandb_credentials
+
+    if not have_wandb_credentials():
+        raise UsageError(f"reading the W&B run {spec!r} needs an API key: set WANDB_API_KEY or run `wandb login` "
+                         "(or compare local run directories / offline runs instead)")
+    entity, project, rest = spec.split("/", 2)
+    try:
+        import wandb
+
+        api = wandb.Api(timeout=30)
+        if rest.startswith("group:"):
+            found = list(api.runs(f"{entity}/{project}", filters={"group": rest.removeprefix("group:")},
+                                  order="+created_at"))
+            if not found:
+                raise UsageError(f"W&B group {spec!r} has no runs; check the entity, project and group name")
+        else:
+            found = [api.run(spec)]
+        runs = []
+        for r in found:
+            rows = [{k: v for k, v in row.items() if not k.startswith("_")}
+                    | ({"step": row["_step"]} if "step" not in row and "_step" in row else {})
+                    for row in r.scan_history()]
+            rows.sort(key=lambda row: row.get("step", 0))
+            config = {k: v for k, v in _flat(dict(r.config)).items() if not k.startswith("_")}
+            runs.append(Run(name=r.name or r.id, source=f"{entity}/{project}/{r.id}", config=config, rows=rows,
+                            summary=dict(r.summary)))
+        return runs
+    except UsageError:
+        raise
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"could not read the W&B run {spec!r} ({first_line}); check the path, the network and "
+                         "WANDB_API_KEY, or compare local run directories / offline runs instead") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def higher_is_better(metric: str) -> bool:
+    from launcher.tracking import higher_is_better as better
+
+    return better(metric)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def run_stats(run: Run, metric: str, targets: list[float]) -> dict[str, Any]:
+    """What the table shows for one run, computed from its rows.
+
+    `epochs_to/T` (`steps_to/T`, `seconds_to/T`): the epoch (step, elapsed seconds) of the first
+    evaluation with metric >= T (<= T for lower-is-better metrics such as losses), None if never.
+    `final_lr`: the LR of the last optimizer step. `wall_seconds`: elapsed time at the last logged row.
+    """
+    up = higher_is_better(metric)
+    evals = [r for r in run.rows if _number(r.get(metric)) is not None]
+    train = [r for r in run.rows if _number(r.get("lr")) is not None]
+    out: dict[str, Any] = {"name": run.name, "source": run.source, "seed": run.config.get("train.seed"),
+                           "num_evals": len(evals)}
+    values = [float(r[metric]) for r in evals]
+    best_i = (max if up else min)(range(len(values)), key=values.__getitem__) if values else None
+    out["best"] = values[best_i] if values else None
+    out["best_epoch"] = evals[best_i].get("epoch") if values else None
+    out["final"] = values[-1] if values else None
+    out["final_epoch"] = max((r.get("epoch", 0) for r in run.rows), default=None)
+    out["final_step"] = max((r.get("step", 0) for r in run.rows), default=None)
+    out["final_lr"] = float(train[-1]["lr"]) if train else None
+    elapsed = [_number(r.get("time/elapsed")) for r in run.rows]
+    elapsed = [e for e in elapsed if e is not None]
+    out["wall_seconds"] = elapsed[-1] if elapsed else _number(run.summary.get("wall_seconds"))
+    for t in targets:
+        hit = next((r for r in evals if (r[metric] >= t if up else r[metric] <= t)), None)
+        out[f"epochs_to/{t:g}"] = hit.get("epoch") if hit else None
+        out[f"steps_to/{t:g}"] = hit.get("step") if hit else None
+        out[f"seconds_to/{t:g}"] = _number(hit.get("time/elapsed")) if hit else None
+    return out
+
+
+def _matters(key: str) -> bool:
+    """Whether a config key can change what a run learns (beyond its seed)."""
+    if key.startswith("plan."):
+        return key in _PLAN_KEYS_THAT_MATTER
+    return key not in _NOT_TRAINING and not key.startswith(_NOT_TRAINING_PREFIXES)
+
+
+def _setup_key(run: Run) -> tuple | None:
+    """What must match for two runs to be seeds of one setup; None (never grouped) without a config."""
+    if not run.config:
+        return None
+    return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in run.config.items() if _matters(k)))
+
+
+def group_runs(runs: list[Run]) -> list[list[int]]:
+    """Indices of runs that differ only by seed, in order of first appearance."""
+    groups: dict[Any, list[int]] = {}
+    for i, run in enumerate(runs):
+        key = _setup_key(run)
+        groups.setdefault(key if key is not None else ("run", i), []).append(i)
+    return list(groups.values())
+
+
+def _labels(runs: list[Run], groups: list[list[int]]) -> list[str]:
+    labels = []
+    for members in groups:
+        names = {runs[i].config.get("name") for i in members}
+        label = next(iter(names)) if len(names) == 1 and None not in names and "" not in names else runs[members[0]].name
+        labels.append(str(label))
+    for label in set(labels):
+        same = [g for g, lab in enumerate(labels) if lab == label]
+        if len(same) < 2:
+            continue
+        for g in same:  # same recipe name, different settings: say what differs
+            cfg = runs[groups[g][0]].config
+            others = [runs[groups[o][0]].config for o in same if o != g]
+            diff = [k for k in sorted(cfg) if _matters(k) and any(o.get(k) != cfg[k] for o in others)]
+            labels[g] = f"{label} [{', '.join(f'{k}={cfg[k]}' for k in diff[:2])}]" if diff else f"{label} #{g + 1}"
+    return labels
+
+
+QUANTITIES = ("best", "final", "wall_seconds", "final_lr", "final_epoch", "final_step")
+
+
+def _spread(values: list[Any]) -> dict[str, Any]:
+    nums = [float(v) for v in values if _number(v) is not None]
+    if not nums:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(nums), "std": statistics.stdev(nums) if len(nums) > 1 else 0.0,
+            "min": min(nums), "max": max(nums), "n": len(nums)}
+
+
+def compare_runs(runs: list[Run], metric: str, targets: list[float]) -> dict[str, Any]:
+    """The whole comparison as plain data: per run, per group (mean/std/min/max/n) and ratios."""
+    per_run = [run_stats(r, metric, targets) for r in runs]
+    groups = group_runs(runs)
+    labels = _labels(runs, groups)
+    target_keys = [f"{kind}_to/{t:g}" for t in targets for kind in ("epochs", "steps", "seconds")]
+    out_groups = []
+    for label, members in zip(labels, groups):
+        stats = {q: _spread([per_run[i][q] for i in members]) for q in (*QUANTITIES, *target_keys)}
+        seeds = [per_run[i]["seed"] for i in members]
+        for i in members:
+            per_run[i]["group"] = label
+        out_groups.append({"label": label, "n": len(members), "seeds": seeds,
+                           "runs": [per_run[i]["name"] for i in members], "stats": stats})
+    ratios = []
+    base = out_groups[0]
+    for g in out_groups[1:]:
+        entry: dict[str, Any] = {"group": g["label"], "baseline": base["label"]}
+        for key in target_keys:
+            b, o = base["stats"][key]["mean"], g["stats"][key]["mean"]
+            entry[key] = b / o if b and o else None  # > 1: the group needs fewer
+        b, o = base["stats"]["best"]["mean"], g["stats"]["best"]["mean"]
+        entry["best_difference"] = o - b if b is not None and o is not None else None
+        ratios.append(entry)
+    return {"metric": metric, "higher_is_better": higher_is_better(metric), "targets": list(targets),
+            "runs": per_run, "groups": out_groups, "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def _target_name(t: float, metric: str) -> str:
+    return f"{t * 100:g}%" if higher_is_better(metric) and 0 < t <= 1 else f"{t:g}"
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "int":
+        return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    if kind == "lr":
+        return f"{value:.3g}"
+    if kind == "sec":
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def _cell(stat: dict[str, Any], n: int, kind: str) -> str:
+    if stat["n"] == 0:
+        return "-"
+    text = _fmt(stat["mean"], kind)
+    if n > 1:
+        text += f" ± {_fmt(stat['std'], kind)}"
+    if stat["n"] < n:
+        text += f" ({stat['n']}/{n})"
+    return text
+
+
+def _tables(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
+    metric, targets = result["metric"], result["targets"]
+    names = [_target_name(t, metric) for t in targets]
+    head = ["run", "n", f"best {metric}", f"final {metric}", *[f"epochs to {n}" for n in names],
+            "wall s", "final lr"]
+    head2 = ["run", *[f"steps to {n}" for n in names], *[f"seconds to {n}" for n in names]]
+    rows, rows2 = [], []
+    for g in result["groups"]:
+        s, n = g["stats"], g["n"]
+        rows.append([g["label"], str(n), _cell(s["best"], n, "val"), _cell(s["final"], n, "val"),
+                     *[_cell(s[f"epochs_to/{t:g}"], n, "int") for t in targets],
+                     _cell(s["wall_seconds"], n, "sec"), _cell(s["final_lr"], n, "lr")])
+        rows2.append([g["label"], *[_cell(s[f"steps_to/{t:g}"], n, "int") for t in targets],
+                      *[_cell(s[f"seconds_to/{t:g}"], n, "sec") for t in targets]])
+    return [(head, rows), (head2, rows2)]
+
+
+def ratio_lines(result: dict[str, Any]) -> list[str]:
+    """"fast vs baseline: 3.0x fewer epochs to 80% (4 vs 12), ..." for each group after the first."""
+    metric = result["metric"]
+    lines = []
+    groups = {g["label"]: g for g in result["groups"]}
+    for r in result["ratios"]:
+        base, other = groups[r["baseline"]]["stats"], groups[r["group"]]["stats"]
+        parts = []
+        for t in result["targets"]:
+            name = _target_name(t, metric)
+            key = f"epochs_to/{t:g}"
+            b, o = base[key]["mean"], other[key]["mean"]
+            if b is None and o is None:
+                continue
+            if b is None:
+                parts.append(f"reached {name} (baseline did not)")
+            elif o is None:
+                parts.append(f"did not reach {name} (baseline did, in {_fmt(b, 'int')} epochs)")
+            else:
+                ratio = r[key]
+                word = "as many" if abs(ratio - 1) < 0.05 else (
+                    f"{ratio:.1f}x fewer" if ratio > 1 else f"{1 / ratio:.1f}x more")
+                secs = r[f"seconds_to/{t:g}"]
+                speed = "" if not secs else (f", {secs:.1f}x less time" if secs >= 1 else f", {1 / secs:.1f}x more time")
+                parts.append(f"{word} epochs to {name} ({_fmt(o, 'int')} vs {_fmt(b, 'int')}{speed})")
+        if r["best_difference"] is not None:
+            parts.append(f"best {metric} {other['best']['mean']:.4f} vs {base['best']['mean']:.4f} "
+                         f"({r['best_difference']:+.4f})")
+        lines.append(f"{r['group']} vs {r['baseline']}: " + ("; ".join(parts) or "no common numbers"))
+    return lines
+
+
+def render(result: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(result, indent=2)
+    tables = _tables(result)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        keys = list(result["groups"][0]["stats"]) if result["groups"] else []
+        writer.writerow(["run", "n", "seeds", *[f"{k}{suffix}" for k in keys for suffix in ("", "_std", "_min", "_max")]])
+        for g in result["groups"]:
+            cells = [g["label"], g["n"], " ".join(str(s) for s in g["seeds"])]
+            for k in keys:
+                st = g["stats"][k]
+                cells += ["" if st[x] is None else f"{st[x]:.6g}" for x in ("mean", "std", "min", "max")]
+            writer.writerow(cells)
+        return buf.getvalue().rstrip("\n")
+    out = []
+    for head, rows in tables:
+        if fmt == "markdown":
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "|".join("---" for _ in head) + "|")
+            out += ["| " + " | ".join(r) + " |" for r in rows]
+        else:
+            widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+            out.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+            out.append("  ".join("-" * w for w in widths))
+            out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        out.append("")
+    seeds_note = [f"{g['label']}: seeds {', '.join(str(s) for s in g['seeds'])}" for g in result["groups"] if g["n"] > 1]
+    if seeds_note:
+        out.append(("mean ± std over seeds; " if fmt == "table" else "Mean ± std over seeds; ") + "; ".join(seeds_note))
+        out.append("")
+    lines = ratio_lines(result)
+    if fmt == "markdown":
+        lines = [f"- {line}" for line in lines]
+    out += lines
+    return "\n".join(out).rstrip("\n")
+
+
+def plot_runs(runs: list[Run], result: dict[str, Any], path: str):
+    """LR, the metric and the train loss (epoch means) against epoch, one colour per group; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = result["metric"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    ax_lr, ax_metric, ax_loss = axes
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = [g["label"] for g in result["groups"]]
+    sizes = {g["label"]: g["n"] for g in result["groups"]}
+    seen = set()
+    for run, stats in zip(runs, result["runs"]):
+        group = stats.get("group", run.name)
+        color = colors[labels.index(group) % len(colors)] if group in labels else None
+        label = None
+        if group not in seen:
+            seen.add(group)
+            label = f"{group} (n={sizes[group]})" if sizes.get(group, 1) > 1 else group
+        alpha = 0.9 if sizes.get(group, 1) == 1 else 0.55
+        train = [r for r in run.rows if _number(r.get("lr")) is not None and _number(r.get("epoch")) is not None]
+        ax_lr.plot([r["epoch"] for r in train], [r["lr"] for r in train], color=color, alpha=alpha, label=label)
+        evals = [r for r in run.rows if _number(r.get(metric)) is not None]
+        ax_metric.plot([r["epoch"] for r in evals], [r[metric] for r in evals], marker="." if len(evals) < 40 else None,
+                       color=color, alpha=alpha, label=label)
+        epochs: dict[int, list[float]] = {}
+        for r in run.rows:
+            loss = _number(r.get("train/loss"))
+            if loss is not None and _number(r.get("epoch")) is not None:
+                epochs.setdefault(max(1, math.ceil(r["epoch"])), []).append(loss)
+        xs = sorted(epochs)
+        ax_loss.plot(xs, [statistics.fmean(epochs[x]) for x in xs], color=color, alpha=alpha, label=label)
+    for t in result["targets"]:
+        ax_metric.axhline(t, color="grey", lw=0.6, ls=":")
+    ax_lr.set(title="learning rate (every optimizer step)", xlabel="epoch", ylabel="lr")
+    ax_metric.set(title=metric, xlabel="epoch", ylabel=metric)
+    ax_loss.set(title="train loss (epoch mean)", xlabel="epoch", ylabel="train/loss")
+    losses = [y for line in ax_loss.get_lines() for y in line.get_ydata()]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
+        ax_loss.set_yscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    ax_metric.legend(fontsize="small")
+    fig.tight_layout()
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Training several recipes x seeds, then comparing
+# ---------------------------------------------------------------------------------------------
+
+
+def _override_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(_override_text(v) for v in value)
+    return str(value)
+
+
+def _completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def train_recipes(recipes: list[str], seeds: int, output_dir: str, overrides: dict[str, Any]) -> list[str]:
+    """Train each recipe x seed with `python -m launcher.train`, one after another; returns the run dirs.
+
+    Run `k` of a recipe uses `train.seed = <recipe seed> + k`, in `<output_dir>/<recipe>-seed<S>`.
+    Runs already completed there are kept and skipped, so the same command continues an
+    interrupted comparison. A run that fails is reported and the others still run.
+    """
+    from launcher.config import load_config
+
+    for key in overrides:
+        if key.lstrip("-") in ("train.seed", "seed"):
+            raise UsageError("--train.seed cannot be overridden here: --seeds N trains seeds <recipe seed> .. +N-1")
+    jobs = []
+    for recipe in recipes:
+        cfg = load_config(recipe, overrides)  # every recipe and override checked before anything runs
+        stem = Path(recipe).stem
+        for k in range(seeds):
+            seed = cfg.train.seed + k
+            jobs.append((recipe, seed, Path(output_dir) / f"{stem}-seed{seed}"))
+    names = [j[2].name for j in jobs]
+    if len(set(names)) != len(names):
+        raise UsageError("two recipes share a file name; give each recipe a distinct file name")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {output_dir!r} exists and is not a directory; choose another --output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    extra = [f"--{k.lstrip('-')}={_override_text(v)}" for k, v in overrides.items()]
+    if not any(k.lstrip("-") == "tracking.wandb.group" for k in overrides):
+        extra.append(f"--tracking.wandb.group={out.resolve().name}")  # one W&B group per comparison
+    failed = []
+    started = time.perf_counter()
+    for n, (recipe, seed, run_dir) in enumerate(jobs, 1):
+        tag = f"[{n}/{len(jobs)} {run_dir.name}]"
+        if _completed(run_dir):
+            print(f"{tag} already completed in {run_dir}; skipped", flush=True)
+            continue
+        if run_dir.exists():
+            if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+                resume = ["--resume", "auto"]
+                print(f"{tag} incomplete; resuming from its last checkpoint", flush=True)
+            else:
+                aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+                run_dir.rename(aside)
+                resume = []
+                print(f"{tag} incomplete without a checkpoint; moved to {aside.name} and started again", flush=True)
+        else:
+            resume = []
+        cmd = [sys.executable, "-m", "launcher.train", "--recipe", recipe, "--output_dir", str(run_dir),
+               f"--train.seed={seed}", *resume, *extra]
+        print(f"{tag} training {recipe} seed {seed} (elapsed {time.perf_counter() - started:.0f}s)", flush=True)
+        code = _run_logged(cmd, out / "logs" / f"{run_dir.name}.log", tag)
+        if code != 0 or not _completed(run_dir):
+            failed.append(run_dir.name)
+            print(f"{tag} FAILED with exit status {code}; log: {out / 'logs' / (run_dir.name + '.log')}", flush=True)
+    print(f"trained {len(jobs) - len(failed)}/{len(jobs)} runs in {time.perf_counter() - started:.0f}s", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)} (rerun the same command to retry them)", file=sys.stderr, flush=True)
+    return [str(j[2]) for j in jobs if j[2].name not in failed]
+
+
+def _run_logged(cmd: list[str], log_path: Path, tag: str) -> int:
+    """Run one training; its full output goes to `log_path`, its epoch lines to the console."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        tail: list[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                tail = [*tail[-19:], line.rstrip()]
+                if line.startswith(("epoch ", "completed", "error", "stopped")):
+                    print(f"{tag} {line.rstrip()}", flush=True)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            if proc.poll() is None:
+                proc.kill()
+            print(f"\n{tag} interrupted; rerun the same command to continue (completed runs are kept)",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+    if code != 0:
+        print("\n".join(f"{tag}   | {t}" for t in tail[-8:]), flush=True)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_targets(targets: Any) -> list[float] | None:
+    if targets is None:
+        return None
+    items = list(targets) if isinstance(targets, list | tuple) else str(targets).replace(",", " ").split()
+    try:
+        values = [float(t) for t in items]
+    except (TypeError, ValueError):
+        raise UsageError(f"--targets: expected numbers separated by commas, e.g. --targets 0.5,0.8,0.9; "
+                         f"got {targets!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"--targets: expected positive numbers, e.g. --targets 0.5,0.8,0.9; got {targets!r}")
+    return sorted(set(values))
+
+
+def main(*runs: str, targets: Any = None, metric: str | None = None, plot: str | None = None,
+         format: str = "table", train: Any = None, seeds: int = 1, output_dir: str | None = None,
+         **overrides: Any) -> None:
+    """Compare runs: epochs, steps and seconds to accuracy targets, best/final values, LR; table + plot.
+
+    Args:
+      runs: run directories (metrics.jsonl), W&B offline runs (wandb/offline-run-*), or W&B paths
+        entity/project/run_id or entity/project/group:NAME. With --train: recipe files to train.
+      targets: metric targets, e.g. 0.5,0.8,0.9 (default: the first run's tracking.targets).
+      metric: the evaluation metric (default: the first run's tracking.target_metric, else val/accuracy).
+      plot: write LR, metric and train loss against epoch for all runs to this PNG (three panels).
+      format: table, markdown, csv or json.
+      train: train the given recipes first (each x --seeds) with launcher.train, then compare them.
+      seeds: with --train, runs per recipe (train.seed = recipe seed + 0 .. seeds-1); the same
+        setup's seeds are shown as mean ± std.
+      output_dir: with --train, where the runs go (default runs/compare-<timestamp>); rerunning the
+        same command skips completed runs. Also holds compare.md, compare.json and compare.png.
+      overrides: with --train, dotted recipe keys applied to every recipe, e.g. --train.num_epochs=30
+    """
+    specs = [str(r) for r in runs]
+    if train not in (None, False):
+        if train is not True:
+            specs = [str(t) for t in (train if isinstance(train, list | tuple) else [train])] + specs
+    elif overrides:
+        key = next(iter(overrides))
+        raise UsageError(f"unknown option --{key}; recipe overrides (--a.b=v) apply only with --train; "
+                         "see python -m launcher.compare --help")
+    if format not in FORMATS:
+        raise UsageError(f"--format: must be one of {', '.join(FORMATS)}; got {format!r}")
+    target_list = _parse_targets(targets)
+    if metric is not None and not str(metric).strip():
+        raise UsageError("--metric: must name a logged metric, e.g. val/accuracy")
+    if not specs:
+        raise UsageError("nothing to compare: pass run directories (python -m launcher.compare RUN_A RUN_B), "
+                         "or recipes with --train")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(f"--seeds: expected a whole number >= 1; got {seeds!r}")
+
+    if train not in (None, False):
+        for recipe in specs:
+            if not Path(recipe).is_file():
+                raise UsageError(f"recipe file not found: {recipe!r}; --train takes recipe files (see recipes/)")
+        output_dir = output_dir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+        specs = train_recipes(specs, seeds, output_dir, overrides)
+        if not specs:
+            raise SystemExit(1)
+        plot = plot or os.path.join(output_dir, "compare.png")
+    elif output_dir is not None or seeds != 1:
+        raise UsageError("--output_dir and --seeds apply only with --train")
+
+    loaded: list[Run] = []
+    for spec in specs:
+        loaded += load_runs(spec)
+    first = loaded[0].config
+    metric = str(metric or first.get("tracking.target_metric") or "val/accuracy")
+    if target_list is None:
+        target_list = _parse_targets(first.get("tracking.targets")) or list(DEFAULT_TARGETS)
+    if not any(metric in row for run in loaded for row in run.rows):
+        known = sorted({k for run in loaded for row in run.rows for k in row if k.startswith("val/")})
+        raise UsageError(f"--metric: {metric!r} is not in any run's metrics; logged: {', '.join(known) or 'none'}")
+    result = compare_runs(loaded, metric, target_list)
+    if plot:
+        plot_runs(loaded, result, plot)
+        result["plot"] = plot
+    print(render(result, format))
+    if train not in (None, False):
+        Path(output_dir, "compare.md").write_text(render(result, "markdown") + "\n")
+        Path(output_dir, "compare.json").write_text(render(result, "json") + "\n")
+        print(f"\nwrote {output_dir}/compare.md, compare.json and {plot}", file=sys.stderr)
+    elif plot:
+        print(f"\nwrote {plot}", file=sys.stderr)
+
+
+def cli() -> None:
+    run_cli(main, name="launcher.compare")
+
+
+if __name__ == "__main__":
+    cli()
