@@ -387,12 +387,27 @@ def _status_from_code(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as shells report it
 
 
+def _group_status(codes: list[int]) -> int:
+    """One exit status for the failed processes of a torch elastic group.
+
+    Ranks leave at slightly different moments, and the agent SIGTERMs (later SIGKILLs) whoever is
+    still running once the first one exits. The trainer exits 124 only after the checkpoint's final
+    barrier, so one 124 means every rank got past it: 124 plus processes stopped by the agent is
+    still a clean preemption. Any other failure wins.
+    """
+    stopped_by_agent = (-signal.SIGTERM, -signal.SIGKILL)
+    if PREEMPTED_EXIT in codes and all(c == PREEMPTED_EXIT or c in stopped_by_agent for c in codes):
+        return PREEMPTED_EXIT
+    real = [c for c in codes if c != PREEMPTED_EXIT and c not in stopped_by_agent]
+    return _status_from_code((real or codes)[0])
+
+
 def launch(argv: list[str]) -> int:
     """Run `accelerate launch <argv>` in this process; return the training processes' exit status.
 
     `accelerate launch` reports any failed training process as status 1, which would hide the 124
-    of a preempted run. Here the launcher's own exceptions are caught instead: 124 when every
-    process that failed exited with 124. The preemption signal is ignored in this process (and,
+    of a preempted run. Here the launcher's own exceptions are caught instead (see `_group_status`
+    for several processes). The preemption signal is ignored in this process (and,
     until the trainer installs its handler, in the training processes it starts), so Slurm's
     signal to the whole step does not kill the launcher while the trainers checkpoint.
     """
@@ -411,9 +426,7 @@ def launch(argv: list[str]) -> int:
     except subprocess.CalledProcessError as err:  # one process (accelerate's simple launcher)
         status = _status_from_code(err.returncode)
     except ChildFailedError as err:  # several processes (torch elastic)
-        codes = sorted({failure.exitcode for failure in err.failures.values()})
-        status = PREEMPTED_EXIT if codes == [PREEMPTED_EXIT] else _status_from_code(
-            next((c for c in codes if c != PREEMPTED_EXIT), codes[0]))
+        status = _group_status([failure.exitcode for failure in err.failures.values()])
     except SignalException as err:  # TERM/INT/HUP/QUIT: the agent stopped the workers
         status = 128 + int(err.sigval)
     else:

@@ -444,10 +444,13 @@ STANDIN = """\
 import os, signal, sys, time
 got = []
 signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
-open(os.path.join(sys.argv[1], "ready-" + os.environ.get("RANK", "0")), "w").close()
+rank = os.environ.get("RANK", "0")
+open(os.path.join(sys.argv[1], "ready-" + rank), "w").close()
 deadline = time.time() + 30
 while not got and time.time() < deadline:
     time.sleep(0.02)
+if rank == "1" and sys.argv[3] == "lag":  # still tearing down when rank 0 leaves: the agent SIGTERMs it
+    time.sleep(20)
 sys.exit(int(sys.argv[2]) if got else 3)
 """
 
@@ -469,9 +472,17 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize(("codes", "expected"), [
+    ([124], 124), ([124, 124], 124), ([124, -15], 124), ([-9, 124], 124),  # laggards stopped by the agent
+    ([1], 1), ([124, 1], 1), ([1, 124], 1), ([-15], 143), ([-11, 124], 139), ([3, -15], 3)])
+def test_group_status(codes, expected):
+    assert slurm._group_status(codes) == expected
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("num_processes", "worker_exit", "expected"), [(2, 124, 124), (2, 5, 5), (1, 124, 124)])
-def test_launch_passes_on_the_training_exit_status(tmp_path, num_processes, worker_exit, expected):
+@pytest.mark.parametrize(("num_processes", "worker_exit", "lag", "expected"), [
+    (2, 124, "", 124), (2, 124, "lag", 124), (2, 5, "", 5), (2, 5, "lag", 5), (1, 124, "", 124)])
+def test_launch_passes_on_the_training_exit_status(tmp_path, num_processes, worker_exit, lag, expected):
     """What Slurm does to the step (signal every process of the tree) must leave 124 intact."""
     (tmp_path / "standin.py").write_text(STANDIN)
     accelerate = ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", "0",
@@ -480,7 +491,7 @@ def test_launch_passes_on_the_training_exit_status(tmp_path, num_processes, work
         accelerate.insert(0, "--multi_gpu")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "LAUNCHER_PREEMPT_SIGNAL": "SIGUSR1"}
     proc = subprocess.Popen([sys.executable, "-m", "launcher.slurm", "launch", *accelerate,
-                             str(tmp_path / "standin.py"), str(tmp_path), str(worker_exit)],
+                             str(tmp_path / "standin.py"), str(tmp_path), str(worker_exit), lag or "-"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -494,3 +505,5 @@ def test_launch_passes_on_the_training_exit_status(tmp_path, num_processes, work
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == expected, output
+    if lag:
+        assert "closing signal SIGTERM" in output  # the agent did stop the lagging rank
