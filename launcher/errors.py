@@ -33,9 +33,34 @@ def fail(message: str) -> NoReturn:
 
 def run_cli(fn: Callable[..., Any], name: str | None = None) -> None:
     """Run `fn` under python-fire; a UsageError becomes one line on stderr and exit status 2."""
+    import sys
+
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        # fire hands --help to a function with **kwargs as an override; answer it here instead.
+        print(help_text(fn, name or fn.__module__))
+        return
     import fire
 
     try:
         fire.Fire(fn, name=name)
     except UsageError as err:
         fail(str(err))
+
+
+def help_text(fn: Callable[..., Any], name: str) -> str:
+    """`usage:` line from the signature, then the docstring."""
+    import inspect
+
+    flags = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            flags.append("[--section.key=value ...]")
+        elif p.kind is p.VAR_POSITIONAL:
+            flags.append(f"[{p.name.upper()} ...]")
+        elif p.default is inspect.Parameter.empty:
+            flags.append(p.name.upper())
+        elif p.default is False:
+            flags.append(f"[--{p.name}]")
+        else:
+            flags.append(f"[--{p.name} {p.name.upper()}]")
+    return f"usage: python -m {name} {' '.join(flags)}\n\n{inspect.getdoc(fn) or ''}"

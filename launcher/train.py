@@ -7,6 +7,7 @@ Runs unchanged under `accelerate launch [--config_file accelerate_configs/X.yaml
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any
 
@@ -22,6 +23,8 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
       recipe: recipe YAML (see recipes/). Required.
       output_dir: run directory; default runs/<recipe>-<timestamp>. An existing one is never overwritten.
       resume: `auto` (latest complete checkpoint in output_dir, or a fresh start) or a checkpoint path.
+        Exit status 124: preempted (SIGTERM / checkpoint.signal), checkpoint saved, resume with
+        --resume auto; 3: stopped on a non-finite loss; 2: a usage error (nothing written).
       print_config: print the resolved recipe (defaults <- YAML <- overrides) and exit.
       overrides: dotted recipe keys, e.g. --optim.lr=0.005 --train.num_epochs=30 --schedule.plateau.patience=5
     """
@@ -37,12 +40,15 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
     from launcher.distributed import make_accelerator
 
     accelerator = make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
+    run_dir, created = None, None
     try:
-        run_dir = _claim_run_dir(accelerator, cfg.name or "run", output_dir, resume)
+        run_dir, created = _claim_run_dir(accelerator, cfg.name or "run", output_dir, resume)
         from launcher.trainer import Trainer
 
         trainer = Trainer(cfg, run_dir, accelerator, resume=resume)
     except BaseException:
+        if created and accelerator.is_main_process:
+            shutil.rmtree(created, ignore_errors=True)  # a run that never started leaves nothing behind
         _shutdown(accelerator)
         raise
     try:
@@ -51,17 +57,22 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         trainer.close()
     if accelerator.is_main_process:
         _print_result(summary, run_dir)
+    from launcher.preemption import exit_status
+
+    status = exit_status(summary.get("status", ""))
+    if status:  # 124: preempted, checkpoint saved (resume with --resume auto); 3: stopped on NaN/inf
+        raise SystemExit(status)
 
 
-def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str | None) -> str:
+def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str | None) -> tuple[str, str | None]:
     """Agree on the run directory across ranks and create it on the main process only.
 
     A fresh run refuses an existing non-empty directory (nothing is overwritten). With --resume the
-    directory may exist; config.yaml is written only if absent.
+    directory may exist; config.yaml is written only if absent. Returns (path, the topmost directory created here or None).
     """
     from accelerate.utils import broadcast_object_list
 
-    decision: list[Any] = [None, None]
+    decision: list[Any] = [None, None, False]
     if accelerator.is_main_process:
         path = output_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         busy = os.path.isdir(path) and any(os.scandir(path))
@@ -71,16 +82,27 @@ def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str |
         elif busy and resume is None:
             problem = (f"output directory {path!r} already exists; choose another --output_dir, "
                        f"or pass --resume auto to continue that run")
-        decision = [os.path.abspath(path), problem]
+        decision = [os.path.abspath(path), problem, _first_missing(os.path.abspath(path))]
     # Every rank must learn the verdict before the main process creates anything.
     if accelerator.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
-    path, problem = decision
+    path, problem, created = decision
     if problem:
         raise UsageError(problem)
     if accelerator.is_main_process:
         os.makedirs(path, exist_ok=True)
-    return path
+    return path, created
+
+
+def _first_missing(path: str) -> str | None:
+    """The topmost directory that creating `path` would create (to undo it), or None if it exists."""
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _shutdown(accelerator) -> None:

@@ -81,7 +81,10 @@ def load_arrays(root: str, seed: int = 42, num_train: int = 4000, num_test: int 
     args.num_samples = num_train + num_test
     args.train_split = num_train / (num_train + num_test)
     data = make_dataset(args)
-    arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+    # mnist1d rounds the split; re-split exactly (identity for the standard 4,000 / 1,000).
+    x = np.concatenate([data["x"], data["x_test"]])
+    y = np.concatenate([data["y"], data["y_test"]])
+    arrays = {"x": x[:num_train], "y": y[:num_train], "x_test": x[num_train:], "y_test": y[num_train:]}
     os.makedirs(cache_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
     with os.fdopen(fd, "wb") as f:
