@@ -243,10 +243,23 @@ def deepspeed_config_source() -> tuple[dict | None, str]:
         raise UsageError(f"DeepSpeed config {path!r} is not valid JSON at line {err.lineno}: {err.msg}; fix the file") from None
 
 
+_DS_FIELDS_OWNED_BY_JSON = ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
+                            "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path",
+                            "zero3_save_16bit_model", "mixed_precision")
+
+
 def make_deepspeed_plugin(train: TrainConfig, clip_grad_norm: float, world_size: int, mixed_precision: str):
     from accelerate.utils import DeepSpeedPlugin
 
     raw, source = deepspeed_config_source()
+    if raw is not None:
+        # Accelerate refuses these next to deepspeed_config_file, in a multi-line ValueError.
+        clash = [f for f in os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",") if f in _DS_FIELDS_OWNED_BY_JSON]
+        if clash:
+            raise UsageError(
+                f"the accelerate config sets {', '.join(clash)} next to deepspeed_config_file {source!r}; remove "
+                f"{'them' if len(clash) > 1 else 'it'} from the accelerate config (precision: pass --mixed_precision "
+                "to accelerate launch or set train.mixed_precision; the rest belongs in the JSON)")
     if raw is None:  # accelerate builds a config from zero_stage / offload fields; resolve that one
         raw = DeepSpeedPlugin(gradient_accumulation_steps=train.grad_accum_steps).deepspeed_config
         raw.pop("steps_per_print", None)

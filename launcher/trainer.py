@@ -298,6 +298,11 @@ class Trainer:
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
             os.replace(tmp, os.path.join(self.run_dir, "summary.json"))
+        dump_dir = os.environ.get("LAUNCHER_DEBUG_WEIGHTS_DIR")  # testing aid: every rank's final weights
+        if dump_dir:
+            weights = self.accelerator.unwrap_model(self.model).state_dict()
+            torch.save({k: v.detach().float().cpu() for k, v in weights.items()},
+                       os.path.join(dump_dir, f"rank{self.accelerator.process_index}.pt"))
         self.tracker.set_summary(summary)
         return summary
 
