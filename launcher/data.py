@@ -35,8 +35,15 @@ class EpochSampler(Sampler[int]):
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.samples_per_step
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the permutation of `epoch` (0-based) and skip its first `start_step` optimizer steps."""
+    def set_epoch(self, epoch: int, start_step: int | None = None) -> None:
+        """Select the permutation of `epoch` (0-based) and skip its first `start_step` optimizer steps.
+
+        Without `start_step`, the same epoch keeps its start: Accelerate's prepared DataLoader calls
+        `set_epoch(its iteration count)` at every `iter()`, which must not undo a resume position (the
+        trainer also calls the loader's `set_epoch(epoch)` so that count is the epoch).
+        """
+        if start_step is None:
+            start_step = self.start // self.samples_per_step if epoch == self.epoch else 0
         self.epoch = epoch
         self.start = start_step * self.samples_per_step
 

@@ -166,6 +166,8 @@ class Faults:
 class Verdict:
     nonfinite_ranks: int = 0
     """How many ranks saw a non-finite loss or gradient norm in this step (0 = a good step)."""
+    nonfinite_loss_ranks: int = 0
+    """How many of them had a non-finite loss (the others: only gradients, e.g. NaN averaged in by DDP)."""
     preempt: bool = False
     stop: bool = False
     """Stop training (on_nonfinite=stop, or too many consecutive skips)."""
@@ -188,15 +190,16 @@ class StepGuard:
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Verdict:
         acc = self.accelerator
-        bad = ~torch.isfinite(loss.detach().float())
+        bad_loss = ~torch.isfinite(loss.detach().float()).reshape(())
+        bad_grad = torch.zeros((), dtype=torch.bool, device=loss.device)
         if isinstance(grad_norm, torch.Tensor) and getattr(acc, "scaler", None) is None:
-            bad = bad | ~torch.isfinite(grad_norm.detach().float())
-        flags = torch.stack([bad.float().reshape(()),
-                             torch.tensor(float(self.preemption.requested), device=loss.device)])
+            bad_grad = ~torch.isfinite(grad_norm.detach().float()).reshape(()).to(loss.device)
+        flags = torch.stack([bad_loss | bad_grad, bad_loss,
+                             torch.tensor(self.preemption.requested, device=loss.device)]).float()
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
-        nonfinite, preempt = flags.tolist()  # the one host sync of the step
-        return self._decide(int(nonfinite), preempt > 0)
+        nonfinite, loss_ranks, preempt = flags.tolist()  # the one host sync of the step
+        return self._decide(int(nonfinite), int(loss_ranks), preempt > 0)
 
     def agree_preempt(self) -> bool:
         """Outside a step (e.g. after an epoch's evaluation): does any rank want to stop?"""
@@ -206,11 +209,11 @@ class StepGuard:
             flag = acc.reduce(flag, reduction="sum")
         return flag.item() > 0
 
-    def _decide(self, nonfinite_ranks: int, preempt: bool) -> Verdict:
+    def _decide(self, nonfinite_ranks: int, loss_ranks: int, preempt: bool) -> Verdict:
         if not nonfinite_ranks:
             self.consecutive_skips = 0
             return Verdict(preempt=preempt)
         self.consecutive_skips += 1
         stop = self.on_nonfinite == "stop" or self.consecutive_skips >= self.max_skips
-        return Verdict(nonfinite_ranks=nonfinite_ranks, preempt=preempt, stop=stop,
-                       consecutive_skips=self.consecutive_skips)
+        return Verdict(nonfinite_ranks=nonfinite_ranks, nonfinite_loss_ranks=loss_ranks, preempt=preempt,
+                       stop=stop, consecutive_skips=self.consecutive_skips)

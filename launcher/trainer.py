@@ -8,6 +8,8 @@ Parts, declared up front in `Trainer.__init__`:
   scheduler    launcher.schedule     warmup x decay x plateau, stepped once per optimizer update
   tracker      launcher.tracking     metrics.jsonl (+ W&B / TensorBoard) on the main process
   summary      launcher.tracking     best / final values, time to accuracy targets
+  checkpoints  launcher.checkpoint   atomic step_N folders, resume, rotation
+  guard        launcher.preemption   per-step agreement of all ranks: non-finite loss, preemption signals
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import Any
 
 import torch
 
+from launcher.checkpoint import Checkpointer, compat_values
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import EpochSampler
 from launcher.distributed import describe_device, describe_engine, engine_input_dtype, make_accelerator
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
+from launcher.preemption import Faults, Preemption, StepGuard, Verdict
 from launcher.schedule import LRScheduler
 from launcher.tasks import build_task
 from launcher.tracking import NullTracker, RunSummary, Tracker
@@ -90,7 +94,19 @@ class Trainer:
                                      self.plan.warmup_steps, self.plan.steps_per_epoch, self.plan.total_steps)
         self.state = TrainState()
         self.summary = RunSummary(cfg.tracking)
-        self.tracker = Tracker(run_dir) if self.is_main else NullTracker()
+        self.preemption = Preemption(cfg.checkpoint.signal)
+        self.preemption.install()
+        self.faults = Faults.from_env(acc.process_index)
+        self.guard = StepGuard(acc, cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, self.preemption)
+        self.checkpoints = Checkpointer(cfg.checkpoint, run_dir, acc, self.model,
+                                        compat_values(cfg, len(self.task.train_set)), self.faults)
+        self.resumed_from: str | None = None
+        self._preempt_checkpoint: str | None = None
+        self._bar = None
+        resumed_run_id = self._resume(resume) if resume is not None else None
+        self.tracker = Tracker(run_dir, cfg.tracking, os.path.basename(run_dir), resume_run_id=resumed_run_id,
+                               truncate_after_step=self.state.step if resume is not None else None) \
+            if self.is_main else NullTracker()
         self._pending: list[tuple[int, float, list[float], torch.Tensor, torch.Tensor]] = []
         self._bar = None
         self._micro_losses: list[torch.Tensor] = []
@@ -121,7 +137,7 @@ class Trainer:
             self.print(line)
         if self.is_main:
             config_path = os.path.join(self.run_dir, "config.yaml")
-            if not os.path.exists(config_path):
+            if self.resumed_from is None or not os.path.exists(config_path):  # a resumed run keeps its own
                 with open(config_path, "w") as f:
                     f.write(to_yaml(self.cfg))
             with open(os.path.join(self.run_dir, "plan.json"), "w") as f:
@@ -141,23 +157,29 @@ class Trainer:
         self.log_start()
         start = time.perf_counter() - self.state.elapsed
         plan = self.plan
-        while self.state.epoch < plan.num_epochs and self.state.step < plan.total_steps:
+        while self.state.status == "running" and self.state.epoch < plan.num_epochs \
+                and self.state.step < plan.total_steps:
             epoch = self.state.epoch
+            if hasattr(self.train_loader, "set_epoch"):
+                self.train_loader.set_epoch(epoch)  # Accelerate re-sets the sampler's epoch from this
             self.sampler.set_epoch(epoch, self.state.step_in_epoch)
             self.model.train()
             self._open_bar(epoch)
             epoch_start = time.perf_counter()
             for batch in self.train_loader:
-                loss, grad_norm, stepped = self.train_step(batch)
-                if not stepped:
+                loss, grad_norm, verdict = self.train_step(batch)
+                if verdict is None:
                     continue
                 self.state.step += 1
                 self.state.step_in_epoch += 1
                 self._record(loss, grad_norm)
                 if self.state.step % LOG_EVERY_N_STEPS == 0:
                     self._flush()
-                if self.state.step >= plan.total_steps:
+                self.state.elapsed = time.perf_counter() - start
+                if self.after_step(verdict) or self.state.step >= plan.total_steps:
                     break
+            if self.state.status != "running":
+                break
             self._flush()
             self.state.epoch += 1
             self.state.step_in_epoch = 0
@@ -165,31 +187,114 @@ class Trainer:
             metrics = self.evaluate() if self._eval_due() else {}
             self.end_epoch(metrics, time.perf_counter() - epoch_start)
             self.state.elapsed = time.perf_counter() - start
-        self.state.status = "completed"
+            self.after_epoch(metrics)
+        if self.state.status == "running":
+            self.state.status = "completed"
         return self.finish()
 
-    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """One micro-batch; returns (loss, grad norm, whether an optimizer step completed)."""
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, Verdict | None]:
+        """One micro-batch; returns (loss, grad norm, verdict), the verdict None until an optimizer step completes.
+
+        The guard's verdict (one small all-reduce) comes before `optimizer.step()`: a non-finite step
+        is skipped on every rank (gradients dropped, scheduler not stepped).
+        """
         acc = self.accelerator
         inputs, targets = self._split(batch)
         with acc.accumulate(self.model):
-            loss = self.task.loss(self.model(inputs), targets)
+            loss = self.faults.corrupt_loss(self.task.loss(self.model(inputs), targets), self.state.step + 1)
             acc.backward(loss)
-            grad_norm = None
-            if acc.sync_gradients:
-                max_norm = self.cfg.optim.clip_grad_norm or math.inf
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if not acc.sync_gradients:
             self._micro_losses.append(loss.detach())
-            return loss, None, False
-        losses = [*self._micro_losses, loss.detach()]
-        self._micro_losses = []
-        step_loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
-        if not acc.optimizer_step_was_skipped:
+            if not acc.sync_gradients:  # optimizer.step() would be a no-op until the last micro-batch
+                return loss, None, None
+            losses, self._micro_losses = self._micro_losses, []
+            step_loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm or math.inf)
+            verdict = self.guard.check(step_loss, grad_norm)
+            if not verdict.nonfinite_ranks:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not verdict.nonfinite_ranks and not acc.optimizer_step_was_skipped:
             self.scheduler.step()
-        return step_loss, grad_norm, True
+        return step_loss, grad_norm, verdict
+
+    # ------------------------------------------------------------------------------------------
+    def after_step(self, verdict: Verdict) -> bool:
+        """Every rank, with the same verdict: faults (tests), non-finite, preemption, step checkpoints.
+
+        Returns True when training stops here.
+        """
+        s = self.state
+        self.faults.after_step(s.step, self.run_dir, self.preemption)
+        if verdict.nonfinite_ranks:
+            self._report_nonfinite(verdict)
+            if verdict.stop:
+                self._flush()
+                s.status = "nonfinite"
+                return True
+        if verdict.preempt:
+            self._preempt()
+            return True
+        if self.checkpoints.due(s.step, s.step_in_epoch, self.plan.steps_per_epoch, self.plan.total_steps):
+            self.save_checkpoint()
+        return False
+
+    def after_epoch(self, metrics: dict[str, float]) -> None:
+        """After evaluation and the plateau step: the epoch's checkpoint, then any pending preemption."""
+        path = self.save_checkpoint(metrics, reason="epoch") if self.cfg.checkpoint.enabled else None
+        more = self.state.epoch < self.plan.num_epochs and self.state.step < self.plan.total_steps
+        if more and self.guard.agree_preempt():
+            self._preempt(saved=path)
+
+    def save_checkpoint(self, metrics: dict[str, float] | None = None, reason: str = "step") -> str:
+        """Every rank: flush the metric rows the checkpoint covers (an all-reduce), then write step_N."""
+        self._flush()
+        s = self.state
+        state = {"train_state": s.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "summary": self.summary.state_dict(), "run_id": self.tracker.run_id}
+        epoch = s.epoch + s.step_in_epoch / self.plan.steps_per_epoch
+        return self.checkpoints.save(s.step, epoch, state, metrics, reason)
+
+    def _resume(self, resume: str) -> str | None:
+        """Load the checkpoint `resume` names on every rank; returns the tracker run id saved with it."""
+        path = self.checkpoints.resolve(resume)
+        if path is None:
+            self.print(f"--resume {resume}: no complete checkpoint in {self.checkpoints.dir}; starting fresh")
+            return None
+        state = self.checkpoints.load(path)
+        self.state.load_state_dict(state["train_state"])
+        self.state.status = "running"
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.summary.load_state_dict(state["summary"])
+        self.resumed_from = path
+        self.print(f"resumed from {path}: step {self.state.step}, epoch {self.state.epoch} "
+                   f"+ {self.state.step_in_epoch} steps")
+        return state.get("run_id")
+
+    def _preempt(self, saved: str | None = None) -> None:
+        if saved is None and self.cfg.checkpoint.enabled:
+            saved = self.save_checkpoint(reason="preempt")
+        self.state.status = "preempted"
+        self._preempt_checkpoint = saved
+        what = f"checkpoint {saved} saved; resume with --resume auto" if saved else \
+            "nothing saved (checkpoint.enabled is false)"
+        self.print(f"preempted ({self.preemption.received or 'signal to another process'}) at step "
+                   f"{self.state.step}: {what}")
+
+    def _report_nonfinite(self, v: Verdict) -> None:
+        t = self.cfg.train
+        n = self.accelerator.num_processes
+        what = (f"step {self.state.step}: non-finite loss on {v.nonfinite_loss_ranks} of {n} process(es)"
+                if v.nonfinite_loss_ranks else f"step {self.state.step}: non-finite gradients")
+        if not v.stop:
+            message = f"warning: {what}: step skipped ({v.consecutive_skips} in a row; stop at {t.max_nonfinite_skips})"
+        else:
+            why, fix = ("train.on_nonfinite=stop", " (or --train.on_nonfinite=skip)") if t.on_nonfinite == "stop" \
+                else (f"{v.consecutive_skips} consecutive skips = train.max_nonfinite_skips", "")
+            message = (f"error: {what}: stopping ({why}); the weights were not updated and the last checkpoint "
+                       f"({self.checkpoints.last_saved or 'none'}) is intact; lower optim.lr or set "
+                       f"optim.clip_grad_norm{fix}, then --resume auto")
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
 
     def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         """Keep the step's values on the device; they are read back in bulk by `_flush`."""
@@ -258,14 +363,43 @@ class Trainer:
                    "throughput/samples_per_sec": self.plan.steps_per_epoch * self.plan.global_batch / epoch_seconds}
             if self.task.tokens_per_sample:
                 row["throughput/tokens_per_sec"] = row["throughput/samples_per_sec"] * self.task.tokens_per_sample
+                peak = self._peak_flops()
+                if peak and self.task.flops_per_token:
+                    row["throughput/mfu"] = (row["throughput/tokens_per_sec"] * self.task.flops_per_token
+                                             / (peak * self.accelerator.num_processes))
             self.tracker.log(row)
             self.tracker.flush()
             self.summary.update(metrics, epoch=s.epoch, step=s.step, seconds=s.elapsed)
         message = self.scheduler.end_epoch(s.epoch, metrics) if metrics else None
+        self._check_ranks_agree()
         self._close_bar()
         self.print(self._epoch_line(metrics, epoch_seconds))
         if message:
             self.print(message)
+
+    def _peak_flops(self) -> float:
+        """Peak FLOP/s of one device: train.peak_tflops, else the bf16 dense peak of a known GPU, else 0."""
+        if self.cfg.train.peak_tflops:
+            return self.cfg.train.peak_tflops * 1e12
+        if self.accelerator.device.type != "cuda":
+            return 0.0
+        name = torch.cuda.get_device_name(self.accelerator.device)
+        known = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 125, "L4": 121, "V100": 125}
+        return next((tflops * 1e12 for key, tflops in known.items() if key in name), 0.0)
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must apply the same LR; a plateau decision taken on per-rank metrics would break this."""
+        lr = self.scheduler.get_last_lr()[0]
+        if self.accelerator.num_processes > 1:
+            lrs = self.accelerator.gather(torch.tensor([lr], dtype=torch.float64, device=self.accelerator.device))
+            if not torch.all(lrs == lrs[0]):
+                raise RuntimeError(f"ranks disagree on the LR after epoch {self.state.epoch}: {lrs.tolist()}")
+        log_dir = os.environ.get("LAUNCHER_RANK_LOG_DIR")  # testing aid: what each rank applied
+        if log_dir:
+            row = {"epoch": self.state.epoch, "step": self.state.step, "lr": lr,
+                   "plateau": self.scheduler.plateau.state_dict() if self.scheduler.plateau else None}
+            with open(os.path.join(log_dir, f"rank{self.accelerator.process_index}.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def _epoch_line(self, metrics: dict[str, float], seconds: float) -> str:
         vals = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -316,6 +450,10 @@ class Trainer:
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        # Last: a requeue hook may end this job. The signal handlers stay installed until the process
+        # exits, so a repeated SIGTERM during shutdown cannot turn exit status 124 into a kill.
+        if self.state.status == "preempted" and self.is_main:
+            self.preemption.run_hooks(self._preempt_checkpoint or "", self.run_dir)
 
 
 def _cast_floats(value, dtype: torch.dtype):
