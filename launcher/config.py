@@ -199,6 +199,8 @@ class TrainConfig:
     """With on_nonfinite=skip: stop after this many consecutive skipped steps."""
     progress_bar: str = "auto"
     """`auto` (a bar when stderr is a terminal, else a line per epoch), `on` or `off`."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU (model FLOPs utilisation); 0 = known GPUs' bf16 peak, else no MFU."""
 
     def __post_init__(self) -> None:
         _require(self.num_epochs >= 1, "num_epochs", f"must be >= 1; got {self.num_epochs}")
@@ -211,6 +213,7 @@ class TrainConfig:
         _choice(self.on_nonfinite, "on_nonfinite", ("skip", "stop"))
         _require(self.max_nonfinite_skips >= 1, "max_nonfinite_skips", f"must be >= 1; got {self.max_nonfinite_skips}")
         _choice(self.progress_bar, "progress_bar", ("auto", "on", "off"))
+        _require(self.peak_tflops >= 0, "peak_tflops", f"must be >= 0 (0 = auto); got {self.peak_tflops}")
 
 
 @dataclass(frozen=True)
