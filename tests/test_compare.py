@@ -193,3 +193,14 @@ def test_train_runs_each_seed_shows_progress_and_resumes_the_comparison(tmp_path
     assert again.returncode == 0
     assert again.stdout.count("already completed") == 2
     assert json.loads(again.stdout[again.stdout.index("{"):])["runs"] == result["runs"]
+
+
+def test_wandb_path_without_a_key_says_how_to_authenticate(monkeypatch, tmp_path):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(compare.UsageError, match="needs an API key: set WANDB_API_KEY"):
+        compare.main("my-team/my-project/group:lr-sweep")
