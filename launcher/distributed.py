@@ -22,6 +22,7 @@ import copy
 import io
 import json
 import os
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -275,6 +276,13 @@ def make_deepspeed_plugin(train: TrainConfig, clip_grad_norm: float, world_size:
 # ---------------------------------------------------------------------------------------------
 
 
+def _let_main_rank_report_first() -> None:
+    """Every rank hits the same mistake; only rank 0 prints it. torchrun stops the whole job when the
+    first process exits, so the other ranks wait a moment: otherwise rank 0 may be killed unheard."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(5)
+
+
 def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_plugin=None,
                      fsdp_plugin=None) -> Accelerator:
     """An Accelerator for this launch, or a UsageError naming the misconfiguration and its fix.
@@ -285,17 +293,23 @@ def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_
     import torch
 
     has_gpu = torch.cuda.is_available()
-    mixed_precision = resolve_mixed_precision(train.mixed_precision, has_gpu)
     expected = _expected_world_size()
-    if expected == 1:
-        check_single_process_launch()
     use_deepspeed = deepspeed_plugin is not None or _env_flag("ACCELERATE_USE_DEEPSPEED")
     use_fsdp = fsdp_plugin is not None or _env_flag("ACCELERATE_USE_FSDP")
-    if use_fsdp and not has_gpu:
-        raise UsageError("FSDP needs GPUs (without them Accelerate silently falls back to plain data parallel); "
-                         f"on CPU use `{CPU_DDP_HINT}` or accelerate_configs/cpu_deepspeed_zero2.yaml")
-    if use_deepspeed and deepspeed_plugin is None:
-        deepspeed_plugin = make_deepspeed_plugin(train, clip_grad_norm, expected, mixed_precision)
+    try:
+        mixed_precision = resolve_mixed_precision(train.mixed_precision, has_gpu)
+        if expected == 1:
+            check_single_process_launch()
+        if use_fsdp and not has_gpu:
+            raise UsageError("FSDP needs GPUs (without them Accelerate silently falls back to plain data parallel); "
+                             f"on CPU use `{CPU_DDP_HINT}` or accelerate_configs/cpu_deepspeed_zero2.yaml")
+        if use_deepspeed and not has_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks anyway, minus its warning
+        if use_deepspeed and deepspeed_plugin is None:
+            deepspeed_plugin = make_deepspeed_plugin(train, clip_grad_norm, expected, mixed_precision)
+    except UsageError:
+        _let_main_rank_report_first()
+        raise
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs

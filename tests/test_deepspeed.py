@@ -1,0 +1,176 @@
+"""DeepSpeed through Accelerate: configs resolved from the recipe, validated up front, and a real
+2-process ZeRO-2 run on CPU (gloo) that trains exactly like one process.
+
+The real run uses accumulation (DeepSpeed's engine owns it) and a small clip norm (DeepSpeed clips
+inside its engine, from `gradient_clipping` in its config; Accelerate alone would put 1.0 there), so
+matching the one-process losses step by step checks both. The first DeepSpeed start on a machine
+compiles an op (~30 s to minutes; cached in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.distributed import resolve_deepspeed_config
+from launcher.errors import UsageError
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")  # accelerate's DeepSpeed path reads its version
+
+ROOT = Path(__file__).resolve().parents[1]
+ZERO2 = json.loads((ROOT / "accelerate_configs/deepspeed/zero2.json").read_text())
+ZERO3 = json.loads((ROOT / "accelerate_configs/deepspeed/zero3.json").read_text())
+RECIPE = dict(micro_batch=16, grad_accum=2, world_size=4, clip_grad_norm=0.5, mixed_precision="no")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_MIXED_PRECISION"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving and validating the JSON (no processes)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_shipped_configs_resolve_every_auto_from_the_recipe(raw):
+    cfg = resolve_deepspeed_config(raw, "x.json", **RECIPE)
+    assert cfg["train_micro_batch_size_per_gpu"] == 16
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 16 * 2 * 4
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(cfg)
+    assert raw["gradient_clipping"] == "auto"  # the input is not modified
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_auto_precision_follows_the_resolved_mixed_precision(precision):
+    cfg = resolve_deepspeed_config(ZERO2, "x.json", **{**RECIPE, "mixed_precision": precision})
+    assert cfg[precision]["enabled"] is True
+    assert cfg["fp16" if precision == "bf16" else "bf16"]["enabled"] is False
+
+
+def test_clipping_off_in_the_recipe_is_zero_for_deepspeed():
+    assert resolve_deepspeed_config(ZERO2, "x.json", **{**RECIPE, "clip_grad_norm": 0.0})["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"gradient_clipping": 1.0}, "gradient_clipping is 1.0 but the recipe gives 0.5 (optim.clip_grad_norm"),
+    ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu is 8 but the recipe gives 16 (train.batch_size)"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps is 4 but the recipe gives 2"),
+    ({"train_batch_size": 64}, "train_batch_size is 64 but the recipe gives 128"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "remove the \"optimizer\" section"),
+    ({"scheduler": {"type": "WarmupLR"}}, "remove the \"scheduler\" section"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled is true but train.mixed_precision resolves to 'no'"),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage: Input should be 0, 1, 2, 3"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}}, "zero_optimization.reduce_bucket_sise: Extra inputs"),
+    ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}},
+     "zero_optimization.stage3_prefetch_bucket_size is \"auto\""),
+])
+def test_mistakes_are_one_line_usage_errors_naming_the_file_and_key(change, expected):
+    with pytest.raises(UsageError) as err:
+        resolve_deepspeed_config({**ZERO2, **change}, "my_ds.json", **RECIPE)
+    message = str(err.value)
+    assert message.startswith("my_ds.json: ") and expected in message, message
+    assert "\n" not in message
+
+
+def test_missing_zero_section_is_named():
+    raw = {k: v for k, v in ZERO2.items() if k != "zero_optimization"}
+    with pytest.raises(UsageError, match="no \"zero_optimization\" section"):
+        resolve_deepspeed_config(raw, "x.json", **RECIPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real launches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_config_fails_before_training_with_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**ZERO2, "zero_optimization": {"stage": 7}}))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.train", "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)],
+        cwd=ROOT, env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad}: invalid DeepSpeed config: zero_optimization.stage: Input should be 0, 1, 2, 3 or 3 (got 7)"]
+    assert not run_dir.exists()
+
+
+def test_unparseable_json_names_the_line(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 2},\n  "bf16": {"enabled": "auto"}\n  "fp16": {}\n}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.train", "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(tmp_path / "r")],
+        cwd=ROOT, env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: DeepSpeed config {str(bad)!r} is not valid JSON at line 4: "
+                                                "Expecting ',' delimiter; fix the file"]
+
+
+@pytest.mark.slow
+def test_accelerate_config_with_mixed_precision_next_to_the_json_is_refused_through_the_launcher(tmp_path):
+    config = tmp_path / "ds.yaml"
+    config.write_text((ROOT / "accelerate_configs/cpu_deepspeed_zero2.yaml").read_text() + "mixed_precision: bf16\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "launcher.train",
+         "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the accelerate config sets mixed_precision next to deepspeed_config_file "
+                      "'accelerate_configs/deepspeed/zero2.json'; remove it from the accelerate config (precision: "
+                      "pass --mixed_precision to accelerate launch or set train.mixed_precision; the rest belongs "
+                      "in the JSON)"]
+    assert "exitcode  : 2" in proc.stderr  # each training process stopped with the usage status
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_zero2_two_cpu_processes_train_like_one_process(tmp_path):
+    common = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=640", "--task.options.num_test=200",
+              "--train.num_epochs=2", "--checkpoint.enabled=false", "--optim.clip_grad_norm=0.05"]
+    ds = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml",
+         "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "ds"), "--train.batch_size=8",
+         "--train.grad_accum_steps=2"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert ds.returncode == 0, ds.stdout[-2000:] + ds.stderr[-4000:]
+    assert "topology: DEEPSPEED, 2 process(es) on 1 machine(s), device cpu, mixed precision no" in ds.stdout
+    assert "deepspeed: ZeRO stage 2, micro-batch 8, accumulation 2, gradient_clipping 0.05" in ds.stdout
+    assert ds.stdout.count("completed:") == 1  # one main process, not two that each believe they are alone
+
+    one = subprocess.run([sys.executable, "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "one"),
+                          "--train.batch_size=32"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+
+    def train_rows(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "train/loss" in r]
+
+    ds_rows, one_rows = train_rows("ds"), train_rows("one")
+    assert [r["step"] for r in ds_rows] == [r["step"] for r in one_rows] == list(range(1, 41))
+    assert [r["lr"] for r in ds_rows] == pytest.approx([r["lr"] for r in one_rows], rel=1e-12)
+    assert [r["train/loss"] for r in ds_rows] == pytest.approx([r["train/loss"] for r in one_rows], rel=1e-5)
+    # DeepSpeed reports the pre-clip global norm; it must be the one-process norm, and above the clip.
+    assert [r["train/grad_norm"] for r in ds_rows] == pytest.approx([r["train/grad_norm"] for r in one_rows], rel=1e-4)
+    assert min(r["train/grad_norm"] for r in ds_rows) > 0.05
+    plan = json.loads((tmp_path / "ds" / "plan.json").read_text())
+    assert (plan["distributed_type"], plan["num_processes"], plan["global_batch"]) == ("DEEPSPEED", 2, 32)
