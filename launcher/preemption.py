@@ -21,6 +21,7 @@ stopped on non-finite loss or gradients (requeueing would not help).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,6 +76,12 @@ class Preemption:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def ignore_further(self) -> None:
+        """After a preempted run: ignore these signals until the process exits."""
+        for sig in self.signals:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing was installed
+                signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame) -> None:
         # Only set a flag: the loop acts on it at the next step boundary, and a repeated signal

@@ -450,10 +450,12 @@ class Trainer:
         self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        # Last: a requeue hook may end this job. The signal handlers stay installed until the process
-        # exits, so a repeated SIGTERM during shutdown cannot turn exit status 124 into a kill.
-        if self.state.status == "preempted" and self.is_main:
-            self.preemption.run_hooks(self._preempt_checkpoint or "", self.run_dir)
+        # Last: a requeue hook may end this job. Then ignore further signals: interpreter shutdown
+        # restores the default handlers, and a repeated SIGTERM would turn exit status 124 into a kill.
+        if self.state.status == "preempted":
+            if self.is_main:
+                self.preemption.run_hooks(self._preempt_checkpoint or "", self.run_dir)
+            self.preemption.ignore_further()
 
 
 def _cast_floats(value, dtype: torch.dtype):

@@ -1,0 +1,103 @@
+"""Preemption: SIGUSR1 / SIGTERM -> checkpoint at the next step boundary, exit 124, exact resume.
+
+LAUNCHER_TEST_PAUSE_AT_STEP holds a process after a given step until a signal arrives (it writes
+`<run_dir>/.paused-rank<R>` with its pid), so the signal lands at a known step without any timing:
+the step in flight when it arrives (the next one) is finished and checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_resume import BASE, assert_same_run, newest_checkpoint, reference
+
+from helpers import CPU_DDP, ROOT, env, read_metrics, train
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def start(args: list[str], **extra_env: str) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_pause(proc: subprocess.Popen, marker: Path) -> int:
+    """The pid written by the paused rank (fails if the run ends without pausing)."""
+    while True:
+        if marker.exists() and marker.read_text().strip():
+            return int(marker.read_text())
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"the run ended (status {proc.returncode}) without pausing:\n{err[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_sigusr1_checkpoints_the_step_in_flight_and_exits_124(tmp_path, tmp_path_factory):
+    ref = reference(tmp_path_factory)
+    run = tmp_path / "run"
+    hook_out = tmp_path / "hook.txt"
+    proc = start([sys.executable, "-m", "launcher.train", *BASE, "--output_dir", str(run)],
+                 LAUNCHER_TEST_PAUSE_AT_STEP="12",
+                 LAUNCHER_ON_PREEMPT=f'echo "$LAUNCHER_CHECKPOINT" > {hook_out}')
+    pid = wait_for_pause(proc, run / ".paused-rank0")
+    assert pid == proc.pid
+    # Keep signalling (USR1 and TERM) until the process exits: many arrive while the checkpoint is
+    # being written and must change nothing.
+    sent = 0
+    while proc.poll() is None:
+        os.kill(pid, (signal.SIGUSR1, signal.SIGTERM)[sent % 2])
+        sent += 1
+        time.sleep(0.005)
+    out, err = proc.communicate()
+    assert proc.returncode == 124, err[-3000:]
+    assert sent > 1
+    ckpt = newest_checkpoint(run)
+    assert ckpt.name == "step_00000013"  # step 12 done when the signal came; 13 was in flight
+    assert "preempted (SIGUSR1) at step 13" in out and "resume with --resume auto" in out
+    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
+    steps, _ = read_metrics(run)
+    assert steps[-1]["step"] == 13  # every finished step is on disk
+    assert hook_out.read_text().strip() == str(ckpt)
+
+    resumed = train(*BASE, "--output_dir", str(run), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt}:" in resumed.stdout
+    assert_same_run(run, ref)
+
+
+def test_two_processes_sigkill_then_sigterm_on_one_rank_then_resume(tmp_path, tmp_path_factory):
+    """2 gloo processes (batch 16 each = the reference's 32): kill, resume, preempt one rank, resume."""
+    ref = reference(tmp_path_factory)
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_DDP, "-m", "launcher.train",
+              *BASE, "--train.batch_size=16", "--output_dir", str(run)]
+    killed = subprocess.run(launch, cwd=ROOT, env=env(LAUNCHER_TEST_KILL_AT_STEP="7"), capture_output=True,
+                            text=True, timeout=240)
+    assert killed.returncode != 0
+    assert newest_checkpoint(run).name == "step_00000005"
+
+    # Only rank 1 gets SIGTERM; rank 0 learns it through the per-step all-reduce, so neither hangs.
+    proc = start([*launch, "--resume", "auto"], LAUNCHER_TEST_PAUSE_AT_STEP="21:1")
+    pid = wait_for_pause(proc, run / ".paused-rank1")
+    os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    # Both workers exit 124; accelerate launch (torch elastic) itself reports a failure (status 1).
+    assert proc.returncode != 0
+    assert err.count("exitcode  : 124") == 2, err[-3000:]
+    assert "preempted (signal to another process) at step 22" in out  # the main process only heard of it
+    assert newest_checkpoint(run).name == "step_00000022"
+    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
+
+    resumed = subprocess.run([*launch, "--resume", "auto"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                             timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_00000022'}:" in resumed.stdout
+    # 2 x 16 sums the gradients in another order than 1 x 32: equal within float rounding.
+    assert_same_run(run, ref, exact=False)
