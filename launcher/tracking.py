@@ -66,7 +66,9 @@ class Tracker(NullTracker):
       run_name: W&B run name when `tracking.wandb.name` is empty; empty = the run directory's name.
       resume_run_id: the `run_id` of the run being resumed (saved in its checkpoint), so W&B
         continues the same run instead of starting a new one.
-      truncate_after_step: on resume, drop rows past this step (work the resumed run redoes).
+      truncate_after_step: on resume, drop rows past this step (work the resumed run redoes). The
+        rows kept are sent to W&B again when it starts: what the killed process had not yet
+        written survives in metrics.jsonl, and W&B skips the steps its resumed run already holds.
     """
 
     def __init__(self, run_dir: str, cfg: TrackingConfig | None = None, run_name: str = "",
@@ -74,8 +76,9 @@ class Tracker(NullTracker):
         cfg = cfg or TrackingConfig()
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._history: list[dict] = []
         if truncate_after_step is not None:
-            self._truncate(truncate_after_step)
+            self._history = self._truncate(truncate_after_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._pending: list[dict] = []
         self._sinks: list[_Sink] = []
@@ -90,11 +93,11 @@ class Tracker(NullTracker):
             purge_step = None if truncate_after_step is None else truncate_after_step + 1
             self._sinks.append(TensorBoardSink(os.path.join(run_dir, "tensorboard"), purge_step))
 
-    def _truncate(self, step: int) -> None:
-        """Drop rows past `step` (work redone after a resume), keeping rows up to the checkpoint."""
+    def _truncate(self, step: int) -> list[dict]:
+        """Drop rows past `step` (work redone after a resume); returns the rows kept."""
         if not os.path.exists(self.path):
-            return
-        kept = []
+            return []
+        kept, rows = [], []
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
@@ -104,10 +107,12 @@ class Tracker(NullTracker):
                 if row.get("step", 0) > step:
                     break
                 kept.append(line if line.endswith("\n") else line + "\n")
+                rows.append(row)
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(tmp, self.path)
+        return rows
 
     def _each_sink(self, op: str, *args: Any) -> None:
         for sink in list(self._sinks):
@@ -130,6 +135,9 @@ class Tracker(NullTracker):
         flat = flatten(config)
         flat.update({f"plan.{k}": v for k, v in plan.items()})
         self._each_sink("start", flat)
+        if self._history:
+            self._each_sink("replay", self._history)
+            self._history = []
 
     def log(self, row: dict[str, Any]) -> None:
         self._pending.append(row)
@@ -201,6 +209,9 @@ class _Sink:
 
     def log(self, rows: list[dict[str, Any]]) -> None:
         pass
+
+    def replay(self, rows: list[dict[str, Any]]) -> None:
+        """Rows logged before a resume (from metrics.jsonl)."""
 
     def flush(self) -> None:
         pass
@@ -315,6 +326,10 @@ class WandbSink(_Sink):
                 self.run.log(row)
             elif step >= self._first_step:  # a resumed online run already holds the earlier steps
                 self.run.log(row, step=int(step))
+
+    def replay(self, rows: list[dict[str, Any]]) -> None:
+        # A killed process can lose the rows W&B had not written yet; the local log has them all.
+        self.log(rows)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:

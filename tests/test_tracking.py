@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from launcher.compare import load_runs, read_wandb_records
+from launcher.compare import load_runs, read_wandb_offline, read_wandb_records
 from launcher.config import TrackingConfig, WandbConfig
 from launcher.tracking import Tracker, resolve_wandb_mode, summary_values
 
@@ -130,21 +131,31 @@ def run_ids_in(folder: Path) -> list[str]:
 
 
 def test_run_id_is_exposed_and_accepted_back_on_resume(offline_env, tmp_path):
-    (tmp_path / "a").mkdir()
-    first = Tracker(str(tmp_path / "a"), wandb_cfg(mode="offline"))
+    first = Tracker(str(tmp_path), wandb_cfg(mode="offline"))
     first.log_config({}, {})
-    first.log({"step": 1, "lr": 0.1})
+    for step in range(1, 6):
+        first.log({"step": step, "lr": 0.1 * step})
     first.close()
     assert len(first.run_id) == 8
-    assert run_ids_in(tmp_path / "a") == [first.run_id]
+    assert run_ids_in(tmp_path) == [first.run_id]
 
-    (tmp_path / "b").mkdir()
-    resumed = Tracker(str(tmp_path / "b"), wandb_cfg(mode="offline"), resume_run_id=first.run_id)
+    time.sleep(1.1)  # W&B names offline folders by the start second; a real resume is never this quick
+    # Resume from a checkpoint at step 3: the same W&B run continues, and the new offline segment
+    # holds the whole history again (a killed process may have lost what W&B had not written).
+    resumed = Tracker(str(tmp_path), wandb_cfg(mode="offline"), resume_run_id=first.run_id, truncate_after_step=3)
     assert resumed.run_id == first.run_id
     resumed.log_config({}, {})
-    resumed.log({"step": 2, "lr": 0.2})
+    for step in range(4, 8):
+        resumed.log({"step": step, "lr": 1.0 + step})
     resumed.close()
-    assert run_ids_in(tmp_path / "b") == [first.run_id]
+    assert run_ids_in(tmp_path) == [first.run_id, first.run_id]
+    newest = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))[-1]
+    expected = [0.1, 0.2, 0.30000000000000004, 5.0, 6.0, 7.0, 8.0]
+    assert [r["lr"] for r in read_wandb_offline([newest]).rows] == expected
+    [merged] = load_runs(str(tmp_path))  # metrics.jsonl
+    assert [r["lr"] for r in merged.rows] == expected
+    [merged] = load_runs(str(tmp_path / "wandb"))  # both offline segments, read in order
+    assert [r["step"] for r in merged.rows] == list(range(1, 8))
 
 
 def test_no_key_means_offline_with_a_sync_hint(monkeypatch, tmp_path, capfd):
