@@ -1,0 +1,79 @@
+"""Non-finite loss injected on one rank: every rank skips or stops together, nothing bad is checkpointed.
+
+LAUNCHER_INJECT_NONFINITE="STEP[:RANK],..." makes the loss NaN at those optimizer steps on that
+rank. With DDP the NaN reaches every rank's gradients; the per-step all-reduce makes the decision
+common, so a hang (one rank stepping, one not) shows up as a pytest-timeout failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from launcher.checkpoint import inspect
+
+from helpers import TINY, read_metrics, train, train_ddp
+
+pytestmark = pytest.mark.timeout(240)
+
+ARGS = ["--recipe", "recipes/mnist1d.yaml", "--task.model=mlp", *TINY, "--train.num_epochs=2",
+        "--checkpoint.every_n_steps=1", "--checkpoint.keep_last=100"]
+
+
+def weights(run: Path, step: int) -> dict:
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*"))
+
+
+def test_two_processes_skip_then_stop_after_max_consecutive_skips(tmp_path):
+    run = tmp_path / "run"
+    result = train_ddp(*ARGS, "--train.batch_size=16", "--train.on_nonfinite=skip", "--train.max_nonfinite_skips=2",
+                       "--output_dir", str(run), timeout=200, LAUNCHER_INJECT_NONFINITE="5:1,9-10:1")
+    assert "step 5: non-finite loss on 1 of 2 process(es): step skipped" in result.stderr
+    assert "step 9: non-finite loss on 1 of 2 process(es): step skipped" in result.stderr
+    assert "step 10: non-finite loss on 1 of 2 process(es): stopping (2 consecutive skips" in result.stderr
+    assert result.stderr.count("exitcode  : 3") == 2, result.stderr[-3000:]  # both workers stopped
+    assert json.loads((run / "summary.json").read_text())["status"] == "nonfinite"
+
+    # A skipped step leaves weights and LR alone; the next step trains again.
+    for a, b in ((4, 5), (8, 9)):
+        wa, wb = weights(run, a), weights(run, b)
+        assert all(wa[k].equal(wb[k]) for k in wa), (a, b)
+    w5, w6 = weights(run, 5), weights(run, 6)
+    assert not all(w5[k].equal(w6[k]) for k in w5)
+    steps = {r["step"]: r for r in read_metrics(run)[0]}
+    assert steps[5]["train/loss"] is None and steps[6]["train/loss"] is not None
+    assert steps[6]["lr"] == steps[5]["lr"] != steps[4]["lr"]  # the scheduler did not advance on step 5
+    assert max(steps) == 10
+    # Nothing after the last good step was checkpointed, and that checkpoint is complete.
+    assert checkpoint_steps(run)[-1] == 9
+    assert inspect(str(run / "checkpoints" / "step_00000009"))[0] is not None
+
+
+def test_two_processes_stop_on_first_nonfinite(tmp_path):
+    run = tmp_path / "run"
+    result = train_ddp(*ARGS, "--train.batch_size=16", "--output_dir", str(run), timeout=200,
+                       LAUNCHER_INJECT_NONFINITE="6:0")
+    assert "step 6: non-finite loss on 1 of 2 process(es): stopping (train.on_nonfinite=stop)" in result.stderr
+    assert "the last checkpoint" in result.stderr and "step_00000005) is intact" in result.stderr
+    assert result.stderr.count("exitcode  : 3") == 2, result.stderr[-3000:]
+    assert checkpoint_steps(run)[-1] == 5
+    assert max(r["step"] for r in read_metrics(run)[0]) == 6
+
+
+def test_single_process_stop_exits_3_and_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    stopped = train(*ARGS, "--output_dir", str(run), LAUNCHER_INJECT_NONFINITE="3")
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    assert "step 3: non-finite loss on 1 of 1 process(es): stopping" in stopped.stderr
+    assert checkpoint_steps(run) == [1, 2]
+    resumed = train(*ARGS, "--output_dir", str(run), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(run)[0]]
+    assert steps == sorted(set(steps)) and steps[:4] == [1, 2, 3, 4]  # step 3 redone once, not duplicated
