@@ -1,0 +1,561 @@
+"""LR range test: find a good base learning rate instead of guessing it.
+
+    python -m launcher.find_lr --recipe recipes/mnist1d.yaml [--start_lr 1e-7] [--end_lr 1] [--num_steps 300]
+    accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m launcher.find_lr --recipe R ...
+
+A fresh copy of the recipe's model trains for `num_steps` optimizer steps while the LR grows
+exponentially from `start_lr` to `end_lr` (the same LR in every parameter group; the recipe's warmup,
+decay and plateau are ignored, its optimizer, weight decay, gradient clipping, batch, accumulation and
+precision are kept). The loss of every step is averaged over all ranks, so every rank sees the same
+curve and takes the same decision to stop once the smoothed loss exceeds `diverge_factor` x its best.
+
+The suggestion is the LR where the smoothed loss falls fastest: the most negative slope against
+log LR (a least-squares line through each point and its neighbours, 5% of the steps on each side),
+before the minimum, ignoring the first 10% and last 5% of the points. The LR of the minimum / 10 is
+printed as a second opinion. Both are reported as the recipe's `optim.lr`, i.e. divided by the
+plan's `lr_scale` when `optim.lr_scaling` is on, so `--apply` writes a value that trains the same.
+
+Nothing touches the recipe or a real run: results go to a new `--output_dir` (lr_find.json,
+lr_find.png) and `--apply out.yaml` writes a new file. See docs/find_lr.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import UsageError, run_cli
+
+RESULT_FILE = "lr_find.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The curve: pure functions (no torch), shared by the CLI and the tests.
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, num_steps: int, start_lr: float, end_lr: float) -> float:
+    """LR of optimizer step `step` (0-based): start_lr at step 0, end_lr at step num_steps - 1."""
+    if num_steps <= 1:
+        return start_lr
+    return start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
+
+
+class Smoother:
+    """Exponential moving average with bias correction (the first values are not pulled toward 0)."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+        self.avg = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> float:
+        self.count += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * value
+        return self.avg / (1 - self.beta ** self.count)
+
+
+def edge_skips(num_steps: int) -> tuple[int, int, int]:
+    """(points ignored at the start, points ignored at the end, half width of the slope window)."""
+    return max(1, num_steps // 10), max(1, num_steps // 20), max(2, num_steps // 20)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    index: int
+    """Point of steepest descent of the smoothed loss."""
+    lr: float
+    min_index: int
+    """Point of the smallest smoothed loss."""
+    min_lr_div_10: float
+
+
+def local_slopes(log_lrs, values, half_window: int):
+    """Slope of a least-squares line through each point and its `half_window` neighbours on each side.
+
+    A two-point difference of the smoothed loss is mostly noise: each EMA step moves by
+    (1 - beta) x (loss - average), so its largest drop marks the noisiest batch, not the curve.
+    """
+    import numpy as np
+
+    x = np.asarray(log_lrs, dtype=float)
+    y = np.asarray(values, dtype=float)
+    out = np.empty(len(x))
+    for i in range(len(x)):
+        lo, hi = max(0, i - half_window), min(len(x), i + half_window + 1)
+        dx = x[lo:hi] - x[lo:hi].mean()
+        out[i] = (dx * (y[lo:hi] - y[lo:hi].mean())).sum() / max((dx * dx).sum(), 1e-300)
+    return out
+
+
+def suggest(lrs: list[float], smoothed: list[float], skip_start: int, skip_end: int,
+            half_window: int) -> Suggestion | None:
+    """Steepest descent of `smoothed` against log(lr), searched in [skip_start, len - skip_end) and not
+    beyond the minimum of the smoothed loss there; None if fewer than 3 points remain."""
+    import numpy as np
+
+    values = np.asarray(smoothed, dtype=float)
+    finite = len(values) if np.all(np.isfinite(values)) else int(np.argmin(np.isfinite(values)))
+    end = min(finite, len(values) - skip_end)
+    if end - skip_start < 3:
+        return None
+    log_lrs = np.log(np.asarray(lrs[:finite], dtype=float))
+    slopes = local_slopes(log_lrs, values[:finite], half_window)
+    min_index = skip_start + int(np.argmin(values[skip_start:end]))
+    last = max(min_index, skip_start + 2)
+    index = skip_start + int(np.argmin(slopes[skip_start:last + 1]))
+    return Suggestion(index=index, lr=float(lrs[index]), min_index=min_index,
+                      min_lr_div_10=float(lrs[min_index]) / 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# --apply: a copy of the recipe with new values, comments kept where the YAML allows it.
+# ---------------------------------------------------------------------------------------------
+
+
+def _yaml_scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.removesuffix("...").strip()
+
+
+def _set_in_text(text: str, dotted_key: str, value: Any) -> str | None:
+    """Set `a.b.c: value` in block-style YAML text by editing (or inserting) one line.
+
+    Returns None when the layout is not understood (flow style, anchors, multi-line values); the
+    caller then checks every result by parsing it and falls back to a plain YAML dump.
+    """
+    lines = text.splitlines(keepends=True)
+    start, stop, indent = 0, len(lines), ""
+    parts = dotted_key.split(".")
+    for depth, part in enumerate(parts):
+        found = None
+        child_indent = None
+        for i in range(start, stop):
+            line = lines[i]
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            this_indent = line[: len(line) - len(line.lstrip())]
+            if child_indent is None:
+                if len(this_indent) < len(indent) or (depth and len(this_indent) == len(indent)):
+                    break
+                child_indent = this_indent
+            if this_indent != child_indent:
+                continue
+            match = re.match(rf"{re.escape(child_indent)}{re.escape(part)}\s*:(?=\s|$)", line)
+            if match:
+                found = i
+                break
+        if child_indent is None:
+            child_indent = indent + ("  " if depth else "")
+        if found is None:
+            # Insert the missing rest of the path right after the section header (or at the end).
+            block = ""
+            for d, name in enumerate(parts[depth:]):
+                pad = child_indent + "  " * d
+                is_leaf = depth + d == len(parts) - 1
+                block += f"{pad}{name}: {_yaml_scalar(value)}\n" if is_leaf else f"{pad}{name}:\n"
+            at = start if depth else len(lines)
+            if at == len(lines) and lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            lines.insert(at, block)
+            return "".join(lines)
+        line = lines[found]
+        if depth == len(parts) - 1:
+            match = re.match(rf"({re.escape(child_indent)}{re.escape(part)}\s*:[ \t]*)([^#\n]*?)([ \t]*#.*)?(\r?\n)?$",
+                             line)
+            if match is None or match.group(2).strip() in ("", "|", ">") or match.group(2).strip()[0] in "&*[{":
+                return None
+            lines[found] = f"{match.group(1)}{_yaml_scalar(value)}{match.group(3) or ''}{match.group(4) or ''}"
+            return "".join(lines)
+        rest = line.split(":", 1)[1].split("#", 1)[0].strip()
+        if rest:  # `optim: {lr: 1}` or an anchor: not a block section
+            return None
+        start, indent = found + 1, child_indent
+        stop = len(lines)
+        for i in range(start, len(lines)):
+            s = lines[i]
+            if s.strip() and not s.lstrip().startswith("#") and len(s) - len(s.lstrip()) <= len(child_indent):
+                stop = i
+                break
+    return None
+
+
+def _set_in_tree(tree: dict, dotted_key: str, value: Any) -> None:
+    *sections, leaf = dotted_key.split(".")
+    node = tree
+    for name in sections:
+        node = node.setdefault(name, {})
+    node[leaf] = value
+
+
+def recipe_with(recipe_path: str, values: dict[str, Any]) -> tuple[str, bool]:
+    """The recipe's text with each dotted key set; (text, comments_kept).
+
+    Edits lines in place when the result parses to exactly the intended recipe; otherwise dumps
+    the intended recipe as plain YAML (comments are lost).
+    """
+    from launcher.config import read_recipe
+
+    original = Path(recipe_path).read_text()
+    intended = read_recipe(recipe_path)
+    for key, value in values.items():
+        _set_in_tree(intended, key, value)
+    text: str | None = original
+    for key, value in values.items():
+        text = _set_in_text(text, key, value) if text is not None else None
+    try:
+        if text is not None and yaml.safe_load(text) == intended:
+            return text, True
+    except yaml.YAMLError:
+        pass
+    return yaml.safe_dump(intended, sort_keys=False, default_flow_style=None), False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(path: str) -> str | None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--output_dir {path!r} exists and is not a directory; choose another --output_dir"
+    if os.path.isdir(path) and any(os.scandir(path)):
+        return f"output directory {path!r} already exists and is not empty; choose another --output_dir"
+    return None
+
+
+def _check_apply(path: str) -> str | None:
+    if os.path.exists(path):
+        return f"--apply {path!r} already exists; choose a new file name (nothing is overwritten)"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"--apply {path!r}: directory {parent!r} does not exist; create it or choose another path"
+    return None
+
+
+def _agree_output_dir(accelerator, name: str, output_dir: str | None) -> str:
+    """The output directory, the same on all ranks (the default name holds a timestamp).
+
+    Nothing is created here: the main process creates it only once there are results to write, so
+    a test that fails to start leaves nothing behind.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    decision: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        path = output_dir or os.path.join("runs", f"find_lr-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        decision = [os.path.abspath(path), _check_output_dir(path)]
+    # Every rank must learn the verdict, or the others would train while the main process exits.
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision, from_process=0)
+    path, problem = decision
+    if problem:
+        raise UsageError(problem)
+    return path
+
+
+def _cast_floats(value: Any, dtype):
+    """Floating-point inputs in `dtype` (DeepSpeed runs the model in fp16/bf16 without autocast)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def range_test(cfg, accelerator, start_lr: float, end_lr: float, num_steps: int, beta: float,
+               diverge_factor: float, log=print) -> dict[str, Any]:
+    """Train a fresh model of `cfg` with an exponentially growing LR; the curve, identical on all ranks."""
+    import torch
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from launcher.data import EpochSampler
+    from launcher.distributed import engine_input_dtype
+    from launcher.optim import build_optimizer
+    from launcher.plan import make_plan
+    from launcher.tasks import build_task
+
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    task = build_task(cfg.task, cfg.data)
+    plan = make_plan(cfg, accelerator.num_processes, len(task.train_set))
+    model = task.model
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, start_lr, accelerator.device.type)
+    sampler = EpochSampler(len(task.train_set), plan.global_batch, cfg.train.seed)
+    d = cfg.data
+    loader = DataLoader(task.train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=d.num_workers, pin_memory=d.pin_memory and torch.cuda.is_available(),
+                        collate_fn=task.collate_fn, persistent_workers=d.num_workers > 0)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model.train()
+    input_dtype = engine_input_dtype(accelerator)
+
+    max_norm = cfg.optim.clip_grad_norm or math.inf
+    smoother = Smoother(beta)
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    best = math.inf
+    stop_reason = "reached end_lr"
+    micro_losses: list[torch.Tensor] = []
+    epoch = 0
+    while len(lrs) < num_steps and stop_reason == "reached end_lr":
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)  # Accelerate re-sets the sampler's epoch from this at every iter()
+        sampler.set_epoch(epoch, 0)
+        epoch += 1
+        for batch in loader:
+            step = len(lrs)
+            lr = lr_at(step, num_steps, start_lr, end_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = task.split(batch)
+            if input_dtype is not None:
+                inputs = _cast_floats(inputs, input_dtype)
+            with accelerator.accumulate(model):
+                loss = task.loss(model(inputs), targets)
+                accelerator.backward(loss)
+                micro_losses.append(loss.detach().float())
+                if not accelerator.sync_gradients:  # optimizer.step() would be a no-op until the last micro-batch
+                    continue
+                accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.stack(micro_losses).mean()
+            micro_losses = []
+            # The same number on every rank, so every rank takes the same decision to stop.
+            value = accelerator.reduce(step_loss, reduction="mean").item()
+            lrs.append(lr)
+            losses.append(value)
+            smooth = smoother.update(value) if math.isfinite(value) else math.nan
+            smoothed.append(smooth)
+            if math.isfinite(smooth):
+                best = min(best, smooth)
+            if not math.isfinite(smooth):
+                stop_reason = f"loss became non-finite at lr {lr:.3g}"
+            elif smooth > diverge_factor * best:
+                stop_reason = f"smoothed loss exceeded {diverge_factor:g} x its best at lr {lr:.3g}"
+            if stop_reason != "reached end_lr" or len(lrs) >= num_steps:
+                break
+            if len(lrs) % max(1, num_steps // 6) == 0:
+                log(f"step {len(lrs)}/{num_steps}  lr {lr:.3e}  loss {value:.4f}  smoothed {smooth:.4f}")
+    del model, optimizer, loader
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stop_reason": stop_reason, "plan": plan,
+            "task": task.description or cfg.task.name}
+
+
+def plot_curve(result: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = result["lrs"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    finite = [(lr, v) for lr, v in zip(lrs, result["losses"]) if math.isfinite(v)]
+    if finite:
+        ax.plot(*zip(*finite), color="0.75", linewidth=1, label="loss (per step)")
+    ax.plot(lrs, result["smoothed"], color="C0", linewidth=2, label=f"smoothed (beta {result['beta']:g})")
+    s = result.get("suggestion_index")
+    if s is not None:
+        lr_eff = result["lrs"][s]
+        ax.axvline(lr_eff, color="C3", linestyle="--", linewidth=1)
+        ax.plot([lr_eff], [result["smoothed"][s]], "o", color="C3",
+                label=f"suggestion {result['suggestion']:.3g} (steepest descent)")
+        m = result["min_index"]
+        ax.axvline(lrs[m] / 10, color="C2", linestyle=":", linewidth=1,
+                   label=f"minimum / 10 = {result['min_lr_div_10']:.3g}")
+    ax.set_xscale("log")
+    values = [v for v in result["smoothed"] if math.isfinite(v)]
+    if values:  # keep the divergence spike from flattening the interesting part
+        low, first = min(values), values[0]
+        top = max(first, low) + 0.25 * (max(first, low) - low + 1e-12)
+        ax.set_ylim(low - 0.25 * (top - low), top)
+    xlabel = "learning rate (log scale)"
+    if result["lr_scale"] != 1:
+        xlabel += f"; optimizer LR = optim.lr x {result['lr_scale']:.4g} (lr_scaling)"
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _validate(start_lr: Any, end_lr: Any, num_steps: Any, beta: Any, diverge_factor: Any) -> tuple:
+    def number(name: str, value: Any) -> float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{name} must be a number; got {value!r}") from None
+        if not math.isfinite(out):
+            raise UsageError(f"--{name} must be a finite number; got {value!r}")
+        return out
+
+    start, end = number("start_lr", start_lr), number("end_lr", end_lr)
+    if start <= 0:
+        raise UsageError(f"--start_lr must be > 0; got {start_lr!r}")
+    if end <= start:
+        raise UsageError(f"--end_lr must be larger than --start_lr ({start:g}); got {end_lr!r}")
+    steps = number("num_steps", num_steps)
+    if not steps.is_integer() or steps < 10:
+        raise UsageError(f"--num_steps must be a whole number >= 10 (100 is a good default); got {num_steps!r}")
+    b = number("beta", beta)
+    if not 0 <= b < 1:
+        raise UsageError(f"--beta must be in [0, 1) (0.98 is the usual smoothing); got {beta!r}")
+    factor = number("diverge_factor", diverge_factor)
+    if factor <= 1:
+        raise UsageError(f"--diverge_factor must be > 1 (stop when the smoothed loss exceeds this x its best); "
+                         f"got {diverge_factor!r}")
+    return start, end, int(steps), b, factor
+
+
+def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0, num_steps: int = 300,
+         plot: str = "lr_find.png", output_dir: str | None = None, apply: str | None = None,
+         beta: float = 0.98, diverge_factor: float = 4.0, **overrides: Any) -> None:
+    """LR range test: sweep the LR exponentially over a short run and suggest a base optim.lr.
+
+    Args:
+      recipe: recipe YAML (see recipes/). Required. Neither the file nor any run is changed.
+      start_lr: LR of the first optimizer step.
+      end_lr: LR of the last step (the test stops earlier if the loss diverges).
+      num_steps: optimizer steps of the sweep (after gradient accumulation; at least 10). Fewer
+        steps make the suggestion noisier and higher (docs/find_lr.md).
+      plot: file name of the loss-vs-LR plot inside output_dir; '' or none to skip it.
+      output_dir: where lr_find.json and the plot go; default runs/find_lr-<recipe>-<timestamp>.
+        An existing non-empty directory is refused.
+      apply: write a copy of the recipe (with any --a.b=v overrides) with optim.lr set to the
+        suggestion to this new YAML file; an existing file is refused.
+      beta: smoothing of the loss (exponential moving average with bias correction).
+      diverge_factor: stop once the smoothed loss exceeds this x its best value.
+      overrides: dotted recipe keys, e.g. --train.batch_size=32 --optim.weight_decay=0.01
+    """
+    from launcher.config import load_config
+
+    if recipe is None:
+        raise UsageError("--recipe is required, e.g. python -m launcher.find_lr --recipe recipes/mnist1d.yaml")
+    start_lr, end_lr, num_steps, beta, diverge_factor = _validate(start_lr, end_lr, num_steps, beta, diverge_factor)
+    cfg = load_config(recipe, overrides)
+    plot_name = "" if plot is None or str(plot).strip().lower() in ("", "none", "false") else str(plot)
+    if plot_name and (os.path.isabs(plot_name) or ".." in Path(plot_name).parts):
+        raise UsageError(f"--plot {plot!r} must be a file name inside --output_dir, e.g. lr_find.png")
+    if plot_name == RESULT_FILE:
+        raise UsageError(f"--plot must not be {RESULT_FILE!r} (that file holds the numbers); use lr_find.png")
+    for problem in (_check_apply(str(apply)) if apply is not None else None,
+                    _check_output_dir(str(output_dir)) if output_dir is not None else None):
+        if problem:
+            raise UsageError(problem)
+
+    from launcher.distributed import make_accelerator
+
+    accelerator = make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
+    is_main = accelerator.is_main_process
+
+    def log(message: str) -> None:
+        if is_main:
+            print(message, flush=True)
+
+    try:
+        run_dir = _agree_output_dir(accelerator, cfg.name or "recipe", output_dir)
+        log(f"LR range test: {start_lr:.3g} -> {end_lr:.3g} over {num_steps} steps; output directory: {run_dir}")
+        curve = range_test(cfg, accelerator, start_lr, end_lr, num_steps, beta, diverge_factor, log)
+    finally:
+        _shutdown(accelerator)
+    plan = curve.pop("plan")
+    log(f"task: {curve.pop('task')}; global batch {plan.global_batch} "
+        f"({plan.per_device_batch} x {plan.num_processes} processes x {plan.grad_accum_steps} accumulation); "
+        f"{len(curve['lrs'])} steps, stopped: {curve['stop_reason']}")
+    skip_start, skip_end, half_window = edge_skips(num_steps)
+    found = suggest(curve["lrs"], curve["smoothed"], skip_start, skip_end, half_window)
+    scale = plan.lr_scale
+    result: dict[str, Any] = {
+        "recipe": str(recipe), "overrides": {k: v for k, v in overrides.items()},
+        "start_lr": start_lr, "end_lr": end_lr, "num_steps": num_steps, "beta": beta,
+        "diverge_factor": diverge_factor, "num_processes": plan.num_processes, "global_batch": plan.global_batch,
+        "lr_scaling": cfg.optim.lr_scaling, "lr_scale": scale, **curve,
+        "suggestion": found.lr / scale if found else None,
+        "suggestion_lr": found.lr if found else None,
+        "suggestion_index": found.index if found else None,
+        "min_lr_div_10": found.min_lr_div_10 / scale if found else None,
+        "min_index": found.min_index if found else None,
+    }
+    if not is_main:
+        return
+    problem = _check_output_dir(run_dir)  # it may have appeared while the test ran
+    if problem:
+        raise UsageError(problem)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
+        json.dump(result, f, indent=2)
+    if plot_name:
+        plot_path = os.path.join(run_dir, plot_name)
+        os.makedirs(os.path.dirname(plot_path), exist_ok=True)
+        plot_curve(result, plot_path, f"LR range test: {cfg.name or 'recipe'}, global batch {plan.global_batch}")
+    if found is None:
+        raise UsageError(
+            f"no suggestion: the test stopped after {len(curve['lrs'])} of {num_steps} steps ({curve['stop_reason']}); "
+            f"lower --start_lr or --end_lr, or raise --num_steps (curve saved in {run_dir})")
+    scaled = f" (optimizer LR {found.lr:.3g} at global batch {plan.global_batch} after lr_scaling x {scale:.4g})" \
+        if scale != 1 else ""
+    print(f"suggested lr: {result['suggestion']:.3g}{scaled}", flush=True)
+    print(f"minimum / 10: {result['min_lr_div_10']:.3g} (second opinion; smoothed loss is lowest at "
+          f"{curve['lrs'][found.min_index] / scale:.3g})", flush=True)
+    print(f"results: {os.path.join(run_dir, RESULT_FILE)}" + (f", plot: {plot_path}" if plot_name else ""),
+          flush=True)
+    if apply is not None:
+        _write_recipe(str(recipe), str(apply), overrides, float(f"{result['suggestion']:.3g}"))
+
+
+def _write_recipe(recipe: str, path: str, overrides: dict[str, Any], lr: float) -> None:
+    problem = _check_apply(path)
+    if problem:
+        raise UsageError(problem)
+    values = {k.lstrip("-").replace("-", "_") if k.startswith("-") else k: v for k, v in overrides.items()}
+    values["optim.lr"] = lr
+    text, kept = recipe_with(recipe, values)
+    with open(path, "x") as f:  # "x": never overwrite, even if the file appeared meanwhile
+        f.write(text)
+    extra = f" and the overrides {', '.join(k for k in values if k != 'optim.lr')}" if len(values) > 1 else ""
+    note = "" if kept else " (written as plain YAML: the recipe's comments could not be kept)"
+    print(f"wrote {path}: {recipe} with optim.lr={lr:g}{extra}{note}", flush=True)
+
+
+def _shutdown(accelerator) -> None:
+    """Release the process group (gc first: avoids gloo's abort at exit, DESIGN.md)."""
+    import gc
+
+    import torch
+
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def cli() -> None:
+    run_cli(main, name="launcher.find_lr")
+
+
+if __name__ == "__main__":
+    cli()
