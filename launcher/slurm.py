@@ -407,9 +407,9 @@ def launch(argv: list[str]) -> int:
 
     `accelerate launch` reports any failed training process as status 1, which would hide the 124
     of a preempted run. Here the launcher's own exceptions are caught instead (see `_group_status`
-    for several processes). The preemption signal is ignored in this process (and,
-    until the trainer installs its handler, in the training processes it starts), so Slurm's
-    signal to the whole step does not kill the launcher while the trainers checkpoint.
+    for several processes). The preemption signal is ignored in this process (and, until the
+    trainer installs its handler, in the training processes it starts), so Slurm's signal to the
+    whole step does not kill the launcher while the trainers checkpoint.
     """
     signal_name = os.environ.get(PREEMPT_SIGNAL_ENV, "SIGUSR1")
     if signal_name not in EARLY_WARNING_SIGNALS:
