@@ -43,8 +43,8 @@ DEFAULT_TARGETS = (0.5, 0.8, 0.9, 0.95)
 FORMATS = ("table", "markdown", "csv", "json")
 
 # Keys that never change what a run learns: left out when deciding which runs are seeds of one setup.
-_NOT_TRAINING = ("name", "train.seed", "train.progress_bar", "data.root", "data.num_workers", "data.pin_memory",
-                 "data.val_batch_size")
+_NOT_TRAINING = ("name", "train.seed", "train.progress_bar", "train.peak_tflops", "data.root", "data.num_workers",
+                 "data.pin_memory", "data.val_batch_size")
 _NOT_TRAINING_PREFIXES = ("tracking.", "checkpoint.", "_")
 _PLAN_KEYS_THAT_MATTER = ("plan.num_processes", "plan.global_batch")
 
@@ -757,6 +757,10 @@ def main(*runs: str, targets: Any = None, metric: str | None = None, plot: str |
         known = sorted({k for run in loaded for row in run.rows for k in row if k.startswith("val/")})
         raise UsageError(f"--metric: {metric!r} is not in any run's metrics; logged: {', '.join(known) or 'none'}")
     result = compare_runs(loaded, metric, target_list)
+    for g in result["groups"]:
+        if len(set(map(str, g["seeds"]))) < len(g["seeds"]):
+            print(f"note: {g['label']} holds runs with the same seed ({', '.join(g['runs'])}); the same run given "
+                  "twice (e.g. its directory and its W&B log) counts twice", file=sys.stderr)
     if plot:
         plot_runs(loaded, result, plot)
         result["plot"] = plot
