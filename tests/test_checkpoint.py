@@ -1,0 +1,276 @@
+"""Checkpoint files, completeness, rotation, compatibility checks and the step guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from launcher.checkpoint import (
+    MARKER,
+    Checkpointer,
+    inspect,
+    latest,
+    param_shapes,
+    rng_state,
+    select_kept,
+    set_rng_state,
+)
+from launcher.config import CheckpointConfig
+from launcher.errors import UsageError
+from launcher.preemption import Faults, Preemption, StepGuard
+
+from helpers import ROOT, TINY, assert_usage_error, env, read_metrics, train
+
+# ---------------------------------------------------------------------------------------------
+# Rotation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_select_kept_table():
+    entries = [(4, None), (8, None), (10, 0.9), (12, None), (16, None), (20, 0.7), (24, None), (30, 0.8)]
+    assert select_kept(entries, keep_last=2, best_mode="min") == {24, 30, 20}
+    assert select_kept(entries, keep_last=2, best_mode="max") == {24, 30, 10}
+    assert select_kept(entries, keep_last=3, best_mode=None) == {20, 24, 30}
+    assert select_kept([(5, 0.5), (10, 0.5), (15, None)], keep_last=1, best_mode="min") == {5, 15}  # first reached
+
+
+@given(st.dictionaries(st.integers(1, 10_000), st.one_of(st.none(), st.floats(-1e6, 1e6)), max_size=30),
+       st.integers(1, 5), st.sampled_from(["min", "max", None]))
+def test_select_kept_keeps_the_last_k_and_the_best(metrics, keep_last, mode):
+    entries = list(metrics.items())
+    kept = select_kept(entries, keep_last, mode)
+    steps = sorted(metrics)
+    assert set(steps[-keep_last:]) <= kept <= set(steps)
+    scored = {s: v for s, v in metrics.items() if v is not None}
+    if mode and scored:
+        best = (min if mode == "min" else max)(scored.values())
+        assert any(scored.get(s) == best for s in kept)
+        assert len(kept) <= keep_last + 1
+    else:
+        assert len(kept) == min(keep_last, len(steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: RNG, completeness, compatibility
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and first[2].equal(again[2])
+
+
+def fake_checkpoint(folder: Path, step: int, world_size: int = 1, compat: dict | None = None,
+                    shapes: dict | None = None, complete: bool = True) -> Path:
+    path = folder / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"x" * 64)
+    meta = {"format_version": 1, "step": step, "epoch": 1, "reason": "step", "metrics": {}, "world_size": world_size,
+            "compat": compat or {}, "param_shapes": shapes or {}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    if complete:
+        files = {name: os.path.getsize(path / name) for name in ("model.safetensors", "meta.json")}
+        (path / MARKER).write_text(json.dumps({"format_version": 1, "step": step, "files": files}))
+    return path
+
+
+def test_incomplete_or_damaged_checkpoints_are_skipped(tmp_path):
+    good = fake_checkpoint(tmp_path, 5)
+    fake_checkpoint(tmp_path, 10, complete=False)
+    damaged = fake_checkpoint(tmp_path, 15)
+    (damaged / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / ".tmp-step_00000020").mkdir()  # a save in progress or killed: not even looked at
+    warnings: list[str] = []
+    assert latest(str(tmp_path), warn=warnings.append).path == str(good)
+    assert warnings == [f"skipping checkpoint {damaged}: model.safetensors has 10 bytes, the manifest says 64",
+                        f"skipping checkpoint {tmp_path / 'step_00000010'}: no COMPLETE manifest "
+                        "(interrupted while being written)"]
+    assert inspect(str(good))[1] is None
+    assert latest(str(tmp_path / "nothing")) is None
+
+
+def checkpointer(run_dir: Path, model: torch.nn.Module, compat: dict, num_processes: int = 1) -> Checkpointer:
+    acc = SimpleNamespace(num_processes=num_processes, is_main_process=True, process_index=0)
+    return Checkpointer(CheckpointConfig(), str(run_dir), acc, model, compat)
+
+
+def test_compatibility_check_says_what_differs(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    shapes = {"weight": [3, 4], "bias": [3]}
+    compat = {"optim.lr": 0.005, "train.batch_size": 32}
+    path = str(fake_checkpoint(tmp_path / "checkpoints", 5, compat=compat, shapes=shapes))
+    assert checkpointer(tmp_path, model, compat).check_compatible(path)["step"] == 5
+
+    with pytest.raises(UsageError, match=r"step_00000005 was written by 1 process\(es\), this run has 2"):
+        checkpointer(tmp_path, model, compat, num_processes=2).check_compatible(path)
+    with pytest.raises(UsageError, match=r"optim\.lr 0\.005 -> 0\.01; train\.batch_size 32 -> 16"):
+        checkpointer(tmp_path, model, {"optim.lr": 0.01, "train.batch_size": 16}).check_compatible(path)
+    with pytest.raises(UsageError, match=r"weight \[3, 4\] -> \[5, 4\]"):
+        checkpointer(tmp_path, torch.nn.Linear(4, 5), compat).check_compatible(path)
+
+
+def test_param_shapes_look_through_wrappers():
+    wrapped = torch.nn.Module()  # how DDP and the DeepSpeed engine hold the model
+    wrapped.module = torch.nn.Linear(4, 3)
+    compiled = torch.nn.Module()  # how torch.compile holds it
+    compiled._orig_mod = wrapped
+    assert param_shapes(compiled) == {"weight": [3, 4], "bias": [3]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step guard, signals, fault hooks
+# ---------------------------------------------------------------------------------------------
+
+
+def guard(on_nonfinite: str = "skip", max_skips: int = 2, scaler=None) -> StepGuard:
+    acc = SimpleNamespace(num_processes=1, scaler=scaler, device=torch.device("cpu"))
+    return StepGuard(acc, on_nonfinite, max_skips, Preemption("SIGUSR1"))
+
+
+def test_step_guard_skips_then_stops_after_consecutive_skips():
+    g = guard("skip", max_skips=2)
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    assert g.check(one, one).nonfinite_ranks == 0
+    first = g.check(nan, one)
+    assert (first.nonfinite_ranks, first.nonfinite_loss_ranks, first.stop) == (1, 1, False)
+    assert g.check(one, one).nonfinite_ranks == 0  # a good step resets the count
+    assert not g.check(one, torch.tensor(float("inf"))).stop  # gradients alone count too
+    second = g.check(nan, one)
+    assert second.stop and second.consecutive_skips == 2
+    assert guard("stop").check(nan, one).stop
+
+
+def test_step_guard_leaves_gradient_overflow_to_the_fp16_scaler():
+    verdict = guard("stop", scaler=object()).check(torch.tensor(1.0), torch.tensor(float("inf")))
+    assert verdict.nonfinite_ranks == 0 and not verdict.stop
+
+
+def test_preemption_signal_sets_the_flag_and_the_guard_reports_it():
+    g = guard()
+    g.preemption.install()
+    try:
+        assert not g.check(torch.tensor(1.0), None).preempt
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a repeat changes nothing
+        assert g.preemption.requested and g.preemption.received == "SIGUSR1"
+        assert g.check(torch.tensor(1.0), None).preempt
+        assert g.agree_preempt()
+    finally:
+        g.preemption.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) is not g.preemption._handle
+    with pytest.raises(UsageError, match="checkpoint.signal: 'SIGNOPE'"):
+        Preemption("SIGNOPE")
+
+
+def test_fault_hooks_parse_steps_and_ranks(monkeypatch):
+    monkeypatch.setenv("LAUNCHER_INJECT_NONFINITE", "5,7-9:1")
+    faults = Faults.from_env(rank=1)
+    assert faults.nonfinite == {5: None, 7: 1, 8: 1, 9: 1}
+    assert torch.isnan(faults.corrupt_loss(torch.tensor(1.0), 8))
+    assert not torch.isnan(Faults.from_env(rank=0).corrupt_loss(torch.tensor(1.0), 8))
+    monkeypatch.setenv("LAUNCHER_TEST_KILL_AT_STEP", "x")
+    with pytest.raises(UsageError, match="LAUNCHER_TEST_KILL_AT_STEP"):
+        Faults.from_env(rank=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real run: layout, rotation, weights-only loading, the listing CLI, refused resumes
+# ---------------------------------------------------------------------------------------------
+
+RUN_ARGS = ["--recipe", "recipes/mnist1d.yaml", "--task.model=mlp", *TINY, "--train.num_epochs=3",
+            "--checkpoint.every_n_steps=4", "--checkpoint.keep_last=2",
+            # the *lowest* accuracy as "best": that is an early epoch, so rotation must keep an old folder
+            "--checkpoint.best_metric=val/accuracy", "--checkpoint.best_mode=min"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "run"
+    result = train(*RUN_ARGS, "--output_dir", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+def test_rotation_keeps_the_last_two_and_the_best(run_dir):
+    _, evals = read_metrics(run_dir)
+    total = json.loads((run_dir / "plan.json").read_text())["total_steps"]
+    worst = min(evals, key=lambda r: (r["val/accuracy"], r["step"]))["step"]
+    ckpts = run_dir / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir())
+    expected = {total, total - total % 4 if total % 4 else total - 4, worst}
+    assert names == [f"step_{s:08d}" for s in sorted(expected)]
+    assert worst < min(s for s in expected if s != worst)
+
+
+def test_checkpoint_contents_load_weights_only(run_dir):
+    from safetensors.torch import load_file
+
+    total = json.loads((run_dir / "plan.json").read_text())["total_steps"]
+    ckpt = run_dir / "checkpoints" / f"step_{total:08d}"
+    assert inspect(str(ckpt))[1] is None
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    optimizer = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert optimizer["state"] and len(optimizer["param_groups"]) >= 1
+    rng = torch.load(ckpt / "rng_0.pt", weights_only=True)
+    assert set(rng) >= {"python", "numpy", "torch"}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["train_state"]["step"] == total and state["train_state"]["step_in_epoch"] == 0
+    assert state["scheduler"]["num_steps"] == total
+    assert set(state["scheduler"]["plateau"]) >= {"best", "num_bad_epochs", "cooldown_counter", "factor"}
+    assert state["summary"]["best"]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["reason"] == "epoch" and "val/loss" in meta["metrics"]
+    assert meta["compat"]["optim.lr"] == 0.005 and meta["compat"]["task.model"] == "mlp"
+    assert meta["param_shapes"] == {k: list(v.shape) for k, v in weights.items()}
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_listing_cli_marks_what_resume_auto_picks(run_dir):
+    result = subprocess.run([sys.executable, "-m", "launcher.checkpoint", str(run_dir)], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    total = json.loads((run_dir / "plan.json").read_text())["total_steps"]
+    assert lines[0].startswith(f"step_{total:08d}") and lines[0].endswith("<- --resume auto")
+    assert len(lines) == 3
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_changed_recipe_values_is_refused_and_writes_nothing(run_dir):
+    before = snapshot(run_dir)
+    result = train(*RUN_ARGS, "--optim.lr=0.01", "--output_dir", str(run_dir), "--resume", "auto")
+    assert_usage_error(result, "optim.lr 0.005 -> 0.01", "config.yaml")
+    assert snapshot(run_dir) == before
+
+
+def test_resume_from_an_incomplete_checkpoint_path_is_refused(run_dir, tmp_path):
+    broken = tmp_path / "step_00000003"
+    broken.mkdir()
+    result = train(*RUN_ARGS, "--output_dir", str(tmp_path / "new"), "--resume", str(broken))
+    assert_usage_error(result, "step_00000003", "no COMPLETE manifest")
+    assert not (tmp_path / "new").exists()
