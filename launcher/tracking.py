@@ -122,8 +122,8 @@ class Tracker(NullTracker):
             except Exception as err:  # a tracker backend must never stop training
                 count = sink.failures[op] = sink.failures.get(op, 0) + 1
                 if count == 1:
-                    warnings.warn(f"{sink.label}: {op} failed ({type(err).__name__}: {err}); "
-                                  "metrics.jsonl continues", RuntimeWarning, stacklevel=3)
+                    warnings.warn(redact(f"{sink.label}: {op} failed ({type(err).__name__}: {err}); "
+                                         "metrics.jsonl continues"), RuntimeWarning, stacklevel=3)
                 if count >= MAX_CONSECUTIVE_FAILURES or op == "start":
                     warnings.warn(f"{sink.label}: switched off for the rest of this run after {count} failed "
                                   f"{op} call(s) in a row; metrics.jsonl continues", RuntimeWarning, stacklevel=3)
@@ -266,8 +266,14 @@ def resolve_wandb_mode(mode: str) -> tuple[str, str]:
     return "offline", "no W&B API key found (set WANDB_API_KEY or run `wandb login`)"
 
 
+def redact(text: str) -> str:
+    """`text` with the W&B API key (if one is set) masked, for messages that quote W&B's errors."""
+    key = os.environ.get("WANDB_API_KEY", "")
+    return text.replace(key, "***") if len(key) >= 4 else text
+
+
 def _note(message: str) -> None:
-    print(f"W&B: {message}", file=sys.stderr, flush=True)
+    print(redact(f"W&B: {message}"), file=sys.stderr, flush=True)
 
 
 class WandbSink(_Sink):
@@ -307,9 +313,8 @@ class WandbSink(_Sink):
             try:
                 self.run = self._init("online", config)
             except Exception as err:
-                _note(f"online start failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                      "logging offline instead")
-                self.mode, self.why = "offline", "online start failed"
+                first_line = (str(err).strip().splitlines() or [""])[0][:200]
+                self.mode, self.why = "offline", f"online start failed: {type(err).__name__}: {first_line}"
         if self.run is None:
             self.run = self._init(self.mode, config)
         if self.mode == "offline":

@@ -174,6 +174,18 @@ def test_no_key_means_offline_with_a_sync_hint(monkeypatch, tmp_path, capfd):
     assert "no W&B API key" in ours[0] and "wandb sync " + str(tmp_path / "wandb" / "offline-run-") in ours[0]
 
 
+def test_failed_online_start_falls_back_offline_in_one_line(offline_env, monkeypatch, tmp_path, capfd):
+    monkeypatch.delenv("WANDB_MODE")  # a key is set, so the mode resolves to online; W&B rejects the fake key
+    tracker = Tracker(str(tmp_path), wandb_cfg())
+    tracker.log_config({}, {})
+    tracker.log({"step": 1, "lr": 0.1})
+    tracker.close()
+    ours = [line for line in capfd.readouterr().err.splitlines() if line.startswith("W&B:")]
+    assert len(ours) == 1 and "online start failed" in ours[0] and "wandb sync" in ours[0], ours
+    assert SECRET not in ours[0]
+    assert run_ids_in(tmp_path) == [tracker.run_id]
+
+
 def test_wandb_mode_disabled_writes_no_wandb_files(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     tracker = Tracker(str(tmp_path), wandb_cfg())
