@@ -301,8 +301,7 @@ class WandbSink(_Sink):
             project=self.cfg.project or None, entity=self.cfg.entity or None, group=self.cfg.group or None,
             tags=list(self.cfg.tags) or None, job_type=self.cfg.job_type or None, name=self.name,
             dir=self.dir, mode=mode, id=self.run_id, resume="allow" if self.resuming else None,
-            config=config, allow_val_change=True, reinit="create_new",
-            settings=wandb.Settings(**settings))
+            config=config, allow_val_change=True, settings=wandb.Settings(**settings))
 
     def start(self, config: dict[str, Any]) -> None:
         if self.run is not None:
@@ -318,9 +317,10 @@ class WandbSink(_Sink):
         if self.run is None:
             self.run = self._init(self.mode, config)
         if self.mode == "offline":
-            _note(f"logging offline ({self.why}); upload later with: wandb sync {getattr(self.run.settings, 'sync_dir', self.dir)}")
+            sync_dir = getattr(self.run.settings, "sync_dir", None) or self.dir
+            _note(f"logging offline ({self.why}); upload later with: wandb sync {sync_dir}")
         if self.resuming:
-            self._first_step = self.run.starting_step or 0
+            self._first_step = getattr(self.run, "starting_step", 0) or 0
 
     def log(self, rows: list[dict[str, Any]]) -> None:
         if self.run is None:
