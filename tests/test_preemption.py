@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_resume import BASE, assert_same_run, newest_checkpoint, reference
+from test_resume import BASE, assert_same_run, newest_checkpoint, plan, reference
 
 from helpers import CPU_DDP, ROOT, env, read_metrics, train
 
@@ -41,10 +41,11 @@ def wait_for_pause(proc: subprocess.Popen, marker: Path) -> int:
 
 def test_sigusr1_checkpoints_the_step_in_flight_and_exits_124(tmp_path, tmp_path_factory):
     ref = reference(tmp_path_factory)
-    run = tmp_path / "run"
+    last = plan(ref)["steps_per_epoch"]  # the signal comes before the last step of epoch 1: the hardest
+    run = tmp_path / "run"                # place, a checkpoint after that step but before the evaluation
     hook_out = tmp_path / "hook.txt"
     proc = start([sys.executable, "-m", "launcher.train", *BASE, "--output_dir", str(run)],
-                 LAUNCHER_TEST_PAUSE_AT_STEP="12",
+                 LAUNCHER_TEST_PAUSE_AT_STEP=str(last - 1),
                  LAUNCHER_ON_PREEMPT=f'echo "$LAUNCHER_CHECKPOINT" > {hook_out}')
     pid = wait_for_pause(proc, run / ".paused-rank0")
     assert pid == proc.pid
@@ -59,11 +60,11 @@ def test_sigusr1_checkpoints_the_step_in_flight_and_exits_124(tmp_path, tmp_path
     assert proc.returncode == 124, err[-3000:]
     assert sent > 1
     ckpt = newest_checkpoint(run)
-    assert ckpt.name == "step_00000013"  # step 12 done when the signal came; 13 was in flight
-    assert "preempted (SIGUSR1) at step 13" in out and "resume with --resume auto" in out
+    assert ckpt.name == f"step_{last:08d}"  # step last - 1 was done when the signal came; `last` was in flight
+    assert f"preempted (SIGUSR1) at step {last}" in out and "resume with --resume auto" in out
     assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
     steps, _ = read_metrics(run)
-    assert steps[-1]["step"] == 13  # every finished step is on disk
+    assert steps[-1]["step"] == last  # every finished step is on disk
     assert hook_out.read_text().strip() == str(ckpt)
 
     resumed = train(*BASE, "--output_dir", str(run), "--resume", "auto")
