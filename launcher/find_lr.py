@@ -419,7 +419,7 @@ def _validate(start_lr: Any, end_lr: Any, num_steps: Any, beta: Any, diverge_fac
         raise UsageError(f"--end_lr must be larger than --start_lr ({start:g}); got {end_lr!r}")
     steps = number("num_steps", num_steps)
     if not steps.is_integer() or steps < 10:
-        raise UsageError(f"--num_steps must be a whole number >= 10 (100 is a good default); got {num_steps!r}")
+        raise UsageError(f"--num_steps must be a whole number >= 10 (300 is the default); got {num_steps!r}")
     b = number("beta", beta)
     if not 0 <= b < 1:
         raise UsageError(f"--beta must be in [0, 1) (0.98 is the usual smoothing); got {beta!r}")
