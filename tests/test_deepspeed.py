@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,19 @@ def _env(**extra: str) -> dict[str, str]:
         if var not in extra:
             env.pop(var, None)
     return env
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group, so a hang never leaves training processes behind."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,10 +116,10 @@ def test_bad_config_fails_before_training_with_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**ZERO2, "zero_optimization": {"stage": 7}}))
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
+    proc = _run(
         [sys.executable, "-m", "launcher.train", "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)],
-        cwd=ROOT, env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
-        capture_output=True, text=True, timeout=120)
+        env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
+        timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: {bad}: invalid DeepSpeed config: zero_optimization.stage: Input should be 0, 1, 2, 3 or 3 (got 7)"]
@@ -115,10 +129,10 @@ def test_bad_config_fails_before_training_with_one_line_and_exit_2(tmp_path):
 def test_unparseable_json_names_the_line(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 2},\n  "bf16": {"enabled": "auto"}\n  "fp16": {}\n}\n')
-    proc = subprocess.run(
+    proc = _run(
         [sys.executable, "-m", "launcher.train", "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(tmp_path / "r")],
-        cwd=ROOT, env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
-        capture_output=True, text=True, timeout=120)
+        env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
+        timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: DeepSpeed config {str(bad)!r} is not valid JSON at line 4: "
                                                 "Expecting ',' delimiter; fix the file"]
@@ -129,10 +143,10 @@ def test_accelerate_config_with_mixed_precision_next_to_the_json_is_refused_thro
     config = tmp_path / "ds.yaml"
     config.write_text((ROOT / "accelerate_configs/cpu_deepspeed_zero2.yaml").read_text() + "mixed_precision: bf16\n")
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
+    proc = _run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "launcher.train",
          "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        env=_env(), timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: the accelerate config sets mixed_precision next to deepspeed_config_file "
@@ -147,18 +161,19 @@ def test_accelerate_config_with_mixed_precision_next_to_the_json_is_refused_thro
 def test_zero2_two_cpu_processes_train_like_one_process(tmp_path):
     common = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=640", "--task.options.num_test=200",
               "--train.num_epochs=2", "--checkpoint.enabled=false", "--optim.clip_grad_norm=0.05"]
-    ds = subprocess.run(
+    ds = _run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml",
          "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "ds"), "--train.batch_size=8",
          "--train.grad_accum_steps=2"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+        env=_env(), timeout=900)
     assert ds.returncode == 0, ds.stdout[-2000:] + ds.stderr[-4000:]
     assert "topology: DEEPSPEED, 2 process(es) on 1 machine(s), device cpu, mixed precision no" in ds.stdout
     assert "deepspeed: ZeRO stage 2, micro-batch 8, accumulation 2, gradient_clipping 0.05" in ds.stdout
     assert ds.stdout.count("completed:") == 1  # one main process, not two that each believe they are alone
 
-    one = subprocess.run([sys.executable, "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "one"),
-                          "--train.batch_size=32"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    one = _run(
+        [sys.executable, "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "one"),
+         "--train.batch_size=32"], env=_env(), timeout=300)
     assert one.returncode == 0, one.stderr[-4000:]
 
     def train_rows(name):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,23 @@ def _env(weights_dir: Path) -> dict[str, str]:
     return env
 
 
+def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group, so a hang never leaves training processes behind."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _train(tmp: Path, name: str, launcher: list[str], *args: str) -> dict:
     run_dir, weights = tmp / name, tmp / f"{name}-weights"
     weights.mkdir()
-    proc = subprocess.run([*launcher, "-m", "launcher.train", *COMMON, "--output_dir", str(run_dir), *args],
-                          cwd=ROOT, env=_env(weights), capture_output=True, text=True, timeout=300)
+    proc = _run([*launcher, "-m", "launcher.train", *COMMON, "--output_dir", str(run_dir), *args], _env(weights), 300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
