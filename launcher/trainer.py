@@ -451,10 +451,11 @@ class Trainer:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         # Last: a requeue hook may end this job. Then ignore further signals: interpreter shutdown
-        # restores the default handlers, and a repeated SIGTERM would turn exit status 124 into a kill.
-        if self.state.status == "preempted":
-            if self.is_main:
-                self.preemption.run_hooks(self._preempt_checkpoint or "", self.run_dir)
+        # restores the default handlers, and a SIGTERM (repeated by Slurm, or sent by torch elastic
+        # once another rank has exited non-zero) would turn exit status 124 or 3 into a kill.
+        if self.state.status == "preempted" and self.is_main:
+            self.preemption.run_hooks(self._preempt_checkpoint or "", self.run_dir)
+        if self.state.status in ("preempted", "nonfinite"):
             self.preemption.ignore_further()
 
 
