@@ -22,7 +22,8 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
     Args:
       recipe: recipe YAML (see recipes/). Required.
       output_dir: run directory; default runs/<recipe>-<timestamp>. An existing one is never overwritten.
-      resume: `auto` (latest complete checkpoint in output_dir, or a fresh start) or a checkpoint path.
+      resume: `auto` (latest complete checkpoint in output_dir, or a fresh start) or a checkpoint path
+        (RUN/checkpoints/step_N continues RUN unless --output_dir says otherwise).
         Exit status 124: preempted (SIGTERM / checkpoint.signal), checkpoint saved, resume with
         --resume auto; 3: stopped on a non-finite loss; 2: a usage error (nothing written).
       print_config: print the resolved recipe (defaults <- YAML <- overrides) and exit.
@@ -36,6 +37,11 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         return
     if resume is not None and resume != "auto" and not os.path.exists(str(resume)):
         raise UsageError(f"--resume: checkpoint {resume!r} not found; pass --resume auto or a checkpoint directory")
+    if resume not in (None, "auto") and output_dir is None:
+        # --resume RUN/checkpoints/step_N continues that run's directory (metrics, summary, checkpoints).
+        parent = os.path.dirname(os.path.abspath(str(resume)))
+        if os.path.basename(parent) == "checkpoints":
+            output_dir = os.path.dirname(parent)
 
     from launcher.distributed import make_accelerator
 

@@ -170,3 +170,20 @@ def test_two_processes_apply_the_same_lrs_as_one(tmp_path):
     single = [json.loads(x) for x in (logs1 / "rank0.jsonl").read_text().splitlines()]
     assert [row["plateau"]["num_reductions"] for row in rank0] == [row["plateau"]["num_reductions"] for row in single]
     assert rank0[-1]["plateau"]["num_reductions"] >= 1  # the test really exercised a plateau cut
+
+
+def test_resume_from_a_checkpoint_path_continues_its_run(tmp_path):
+    args = ["--recipe", str(ROOT / "recipes/mnist1d.yaml"), "--task.model=mlp", *TINY, "--train.num_epochs=2",
+            "--checkpoint.every_n_steps=5"]
+    run_dir = tmp_path / "run"
+    killed = train(*args, "--output_dir", str(run_dir), LAUNCHER_TEST_KILL_AT_STEP="12")
+    assert killed.returncode != 0
+    checkpoint = run_dir / "checkpoints" / "step_00000010"
+    assert checkpoint.is_dir()
+    r = train(*args, "--resume", str(checkpoint), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # continued the checkpoint's run, no new directory
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps, _ = read_metrics(run_dir)
+    assert summary["status"] == "completed"
+    assert [row["step"] for row in steps] == list(range(1, summary["final_step"] + 1))
