@@ -71,7 +71,8 @@ def _launch_args(argv: list[str]) -> list[str] | None:
         name = os.path.basename(arg)
         if name == "accelerate-launch" or arg == "accelerate.commands.launch":
             return argv[i + 1:]
-        if (name == "accelerate" or arg == "accelerate.commands.accelerate_cli") and argv[i + 1:i + 2] == ["launch"]:
+        launcher = name == "accelerate" or arg in ("accelerate.commands.accelerate_cli", "launcher.slurm")
+        if launcher and argv[i + 1:i + 2] == ["launch"]:
             return argv[i + 2:]
     return None
 

@@ -160,6 +160,7 @@ def multi_cpu_config(tmp_path) -> Path:
     (["/venv/bin/python3", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "launcher.train"], 2),
     (["python", "-m", "accelerate.commands.launch", "--num_processes=3", "train.py", "--x", "1"], 3),
     (["/venv/bin/accelerate-launch", "--cpu", "--num_processes", "1", "train.py"], 1),
+    (["python", "-m", "launcher.slurm", "launch", "--machine_rank", "0", "--cpu", "--num_processes", "4", "-m", "x"], 4),
     (["/venv/bin/python3", "/venv/bin/torchrun", "--nproc_per_node", "2", "-m", "launcher.train"], None),
     (["python", "-m", "launcher.train", "--recipe", "r.yaml"], None),
     (["bash"], None),

@@ -1,0 +1,132 @@
+"""Mixed precision on CPU: bf16 really runs (autocast) and trains; fp16 is refused with the fix.
+
+`train.mixed_precision: auto` takes the accelerate config's value. fp16 on a CPU would be silently
+ignored by Accelerate (it still reports fp16), so it stops with one line suggesting bf16, from one
+process and from a 2-process launch alike. fp16 with loss scaling is checked on a GPU in tests/gpu/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.distributed import resolve_mixed_precision
+from launcher.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=640", "--task.options.num_test=200",
+         "--train.num_epochs=2", "--checkpoint.enabled=false"]
+FP16_ERROR = ("error: train.mixed_precision: fp16 needs a GPU (on CPU Accelerate silently ignores it); "
+              "use --train.mixed_precision=bf16 or no")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION",
+                "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group, so a hang never leaves training processes behind."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("requested", "env", "has_gpu", "expected"), [
+    ("auto", None, False, "no"),
+    ("auto", "bf16", False, "bf16"),
+    ("auto", "fp16", True, "fp16"),
+    ("no", "bf16", False, "no"),  # the recipe wins over the accelerate config
+    ("bf16", "no", False, "bf16"),
+    ("fp16", None, True, "fp16"),
+])
+def test_resolution(monkeypatch, requested, env, has_gpu, expected):
+    if env is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    assert resolve_mixed_precision(requested, has_gpu) == expected
+
+
+def test_fp16_without_gpu_and_unsupported_values_are_usage_errors(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UsageError, match="use --train.mixed_precision=bf16 or no"):
+        resolve_mixed_precision("auto", has_gpu=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(UsageError, match="'fp8' .* is not supported; use no, bf16 or fp16"):
+        resolve_mixed_precision("auto", has_gpu=True)
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_trains_and_really_runs_in_bf16(tmp_path):
+    runs = {}
+    for precision in ("bf16", "no"):
+        run_dir = tmp_path / precision
+        proc = _run([sys.executable, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir),
+                     f"--train.mixed_precision={precision}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"device cpu, mixed precision {precision}" in proc.stdout
+        assert json.loads((run_dir / "plan.json").read_text())["mixed_precision"] == precision
+        runs[precision] = _train_rows(run_dir)
+    losses = [r["train/loss"] for r in runs["bf16"]]
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2  # it learns
+    # Autocast really happened: bf16 rounding moves the very first loss away from the fp32 one.
+    first_bf16, first_fp32 = runs["bf16"][0]["train/loss"], runs["no"][0]["train/loss"]
+    assert first_bf16 != first_fp32 and first_bf16 == pytest.approx(first_fp32, rel=2e-2)
+
+
+@pytest.mark.slow
+def test_auto_takes_the_accelerate_config_value(tmp_path):
+    # single_gpu.yaml says bf16; on a CPU-only machine it trains on the CPU, still in bf16.
+    run_dir = tmp_path / "run"
+    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/single_gpu.yaml",
+                 "-m", "launcher.train", *SMALL, "--train.num_epochs=1", "--output_dir", str(run_dir)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "topology: NO, 1 process(es) on 1 machine(s), device cpu, mixed precision bf16" in proc.stdout
+    assert json.loads((run_dir / "plan.json").read_text())["mixed_precision"] == "bf16"
+
+
+def test_fp16_on_cpu_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run([sys.executable, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir),
+                 "--train.mixed_precision=fp16"], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [FP16_ERROR]
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_fp16_from_a_two_process_launch_is_reported_once(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
+                 "--mixed_precision", "fp16", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
+    assert proc.returncode != 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [FP16_ERROR]
+    assert "exitcode  : 2" in proc.stderr
+    assert not run_dir.exists()
