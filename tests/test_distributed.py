@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,10 +243,21 @@ def test_multi_node_config_with_two_local_machines(tmp_path):
     common = ["--config_file", "accelerate_configs/multi_node.yaml", "--rdzv_backend", "c10d", "--main_process_ip",
               "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2", "--num_machines", "2",
               "--mixed_precision", "no", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)]
-    machines = [subprocess.Popen([*ACCELERATE, "--machine_rank", str(rank), *common], cwd=ROOT, env=_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-                for rank in (0, 1)]
+    def machine(rank: int) -> subprocess.Popen:
+        return subprocess.Popen([*ACCELERATE, "--machine_rank", str(rank), *common], cwd=ROOT, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    # Both "machines" share 127.0.0.1, so either could host the rendezvous store; machine 0 must, or
+    # its launcher finds main_process_port taken and gives up. Start machine 1 once the store listens.
+    machines = [machine(0)]
     try:
+        deadline = time.monotonic() + 120
+        while machines[0].poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        machines.append(machine(1))
         outputs = [m.communicate(timeout=300) for m in machines]
     finally:
         for m in machines:
