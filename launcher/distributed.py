@@ -203,9 +203,9 @@ def resolve_deepspeed_config(raw: dict, source: str, *, micro_batch: int, grad_a
             raise UsageError(f"{source}: \"{dtype}\" must be an object such as {{\"enabled\": \"auto\"}}")
         wanted = mixed_precision == dtype
         given = section.get("enabled", "auto" if wanted else False)
-        if given == "auto":
+        if given == "auto" or given is wanted:
             section["enabled"] = wanted
-        elif given is not wanted:
+        else:
             raise UsageError(f"{source}: {dtype}.enabled is {json.dumps(given)} but train.mixed_precision resolves to "
                              f"{mixed_precision!r}; set {dtype}.enabled to \"auto\" or pass "
                              f"--train.mixed_precision={dtype if given is True else 'no'}")
@@ -268,8 +268,15 @@ def make_deepspeed_plugin(train: TrainConfig, clip_grad_norm: float, world_size:
     resolved = resolve_deepspeed_config(
         raw, source, micro_batch=train.batch_size, grad_accum=train.grad_accum_steps, world_size=world_size,
         clip_grad_norm=clip_grad_norm, mixed_precision=mixed_precision)
-    return DeepSpeedPlugin(hf_ds_config=resolved, gradient_accumulation_steps=train.grad_accum_steps,
-                           gradient_clipping=float(clip_grad_norm))
+    # The accelerate config's own DeepSpeed fields are already in `resolved`; Accelerate would refuse
+    # them next to a config dict, so hide their names while the plugin checks.
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        return DeepSpeedPlugin(hf_ds_config=resolved, gradient_accumulation_steps=train.grad_accum_steps,
+                               gradient_clipping=float(clip_grad_norm))
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
 
 
 # ---------------------------------------------------------------------------------------------

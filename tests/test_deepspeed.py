@@ -107,6 +107,23 @@ def test_missing_zero_section_is_named():
         resolve_deepspeed_config(raw, "x.json", **RECIPE)
 
 
+def test_accelerate_config_without_a_json_is_resolved_too(monkeypatch):
+    """`accelerate config` can describe ZeRO with fields instead of a JSON file; those are honoured."""
+    from launcher.config import TrainConfig
+    from launcher.distributed import make_deepspeed_plugin
+
+    for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                       "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "none",
+                       "ACCELERATE_CONFIG_DS_FIELDS": "zero_stage,gradient_accumulation_steps"}.items():
+        monkeypatch.setenv(key, value)
+    plugin = make_deepspeed_plugin(TrainConfig(batch_size=8, grad_accum_steps=2), 0.5, 2, "bf16")
+    ds = plugin.deepspeed_config
+    assert (plugin.zero_stage, ds["zero_optimization"]["stage"]) == (3, 3)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 2, 32)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert os.environ["ACCELERATE_CONFIG_DS_FIELDS"] == "zero_stage,gradient_accumulation_steps"
+
+
 # ---------------------------------------------------------------------------------------------
 # Real launches
 # ---------------------------------------------------------------------------------------------
