@@ -40,6 +40,7 @@ from launcher.data import TensorBatchDataset
 from launcher.errors import UsageError
 from launcher.models.resnet import resnet18, resnet_tiny
 from launcher.tasks import Task, check_options, data_root
+from launcher.tasks.common import classification_loss, classification_metrics, load_arrays_npz, save_arrays
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -184,7 +185,7 @@ def load_arrays(root: str, url: str = URL) -> dict[str, np.ndarray]:
     cache_dir = os.path.join(root, "cifar10")
     cache = os.path.join(cache_dir, CACHE)
     if os.path.exists(cache):
-        return _load_cache(cache)
+        return load_arrays_npz(cache)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         writable = os.access(cache_dir, os.W_OK)
@@ -198,26 +199,14 @@ def load_arrays(root: str, url: str = URL) -> dict[str, np.ndarray]:
         return _to_arrays(_read_batches(source))  # a read-only copy of the data: convert every time
     with _file_lock(os.path.join(cache_dir, ".lock")):
         if os.path.exists(cache):  # another process made it while we waited
-            return _load_cache(cache)
+            return load_arrays_npz(cache)
         source = find_source(root)
         if source is None:
             source = os.path.join(cache_dir, ARCHIVE)
             download(url, source, MD5)
         arrays = _to_arrays(_read_batches(source))
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, cache)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+        save_arrays(cache, arrays)
         return arrays
-
-
-def _load_cache(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {k: data[k] for k in ("x", "y", "x_test", "y_test")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,18 +252,6 @@ class CropFlipNormalize(Normalize):
 # ---------------------------------------------------------------------------------------------
 
 
-def _metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    logits = logits.float()
-    return {
-        "loss": F.cross_entropy(logits, targets, reduction="none"),
-        "accuracy": (logits.argmax(-1) == targets).float(),
-    }
-
-
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets)
-
-
 def build(task: TaskConfig, data: DataConfig) -> Task:
     opts = check_options("cifar10", task.options, DEFAULTS)
     for key in ("subset", "val_subset"):
@@ -295,8 +272,8 @@ def build(task: TaskConfig, data: DataConfig) -> Task:
         model=MODELS[model_name](),
         train_set=TensorBatchDataset(x, y, transform=train_transform),
         val_set=TensorBatchDataset(x_test, y_test, transform=Normalize()),
-        loss=_loss,
-        metrics=_metrics,
+        loss=classification_loss,
+        metrics=classification_metrics,
         collate_fn=TensorBatchDataset.collate,
         description=f"CIFAR-10 {model_name} ({len(x)} train / {len(x_test)} test"
                     + (", crop+flip augmentation)" if opts["augment"] else ", no augmentation)"),

@@ -12,7 +12,6 @@ Options (`task.options`): `seed` (dataset seed, default 42), `num_train`/`num_te
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from launcher.config import DataConfig, TaskConfig
 from launcher.data import TensorBatchDataset
 from launcher.errors import UsageError
 from launcher.tasks import Task, check_options, data_root
+from launcher.tasks.common import classification_loss, classification_metrics, load_arrays_npz, save_arrays
 
 DEFAULTS = {"seed": 42, "num_train": 4000, "num_test": 1000}
 
@@ -72,8 +72,7 @@ def load_arrays(root: str, seed: int = 42, num_train: int = 4000, num_test: int 
     cache_dir = os.path.join(root, "mnist1d")
     path = os.path.join(cache_dir, f"mnist1d_seed{seed}_{num_train}_{num_test}.npz")
     if os.path.exists(path):
-        with np.load(path) as data:
-            return {k: data[k] for k in ("x", "y", "x_test", "y_test")}
+        return load_arrays_npz(path)
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -86,23 +85,8 @@ def load_arrays(root: str, seed: int = 42, num_train: int = 4000, num_test: int 
     y = np.concatenate([data["y"], data["y_test"]])
     arrays = {"x": x[:num_train], "y": y[:num_train], "x_test": x[num_train:], "y_test": y[num_train:]}
     os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    save_arrays(path, arrays)
     return arrays
-
-
-def _metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    logits = logits.float()
-    return {
-        "loss": F.cross_entropy(logits, targets, reduction="none"),
-        "accuracy": (logits.argmax(-1) == targets).float(),
-    }
-
-
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets)
 
 
 def build(task: TaskConfig, data: DataConfig) -> Task:
@@ -119,8 +103,8 @@ def build(task: TaskConfig, data: DataConfig) -> Task:
         model=MODELS[model_name](),
         train_set=TensorBatchDataset(x, y),
         val_set=TensorBatchDataset(x_test, y_test),
-        loss=_loss,
-        metrics=_metrics,
+        loss=classification_loss,
+        metrics=classification_metrics,
         collate_fn=TensorBatchDataset.collate,
         description=f"MNIST-1D {model_name} ({len(x)} train / {len(x_test)} test)",
     )
