@@ -1,30 +1,38 @@
 """Overhead of the launcher against a minimal hand-written PyTorch loop doing the same work.
 
-    python bench/overhead.py                                   # mnist1d + gpt_tiny, 1 and 2 processes, 5 reps
+    python bench/overhead.py                                   # mnist1d + gpt_tiny, 1 and 2 processes
     python bench/overhead.py --workloads mnist1d --nprocs 1 --reps 3 --json out.json
+    python bench/overhead.py --mode separate                   # each side in its own processes instead
 
-Both sides train the same recipe (model, data, batch, AdamW with the recipe's weight decay and
-gradient clipping, warmup + decay LR per step, same number of optimizer steps):
+Both sides train the same recipe: model, data, batch, AdamW with the recipe's weight decay (not on
+biases) and gradient clipping, the recipe's warmup + decay LR set every step, the same number of
+optimizer steps.
 
-  launcher  the real `Trainer` in a fresh process (`accelerate launch --config_file
-            accelerate_configs/cpu_ddp.yaml` for 2 processes), with every per-step behaviour on:
-            one metrics.jsonl row per step (step, epoch, lr, loss averaged over ranks, grad norm),
-            the non-finite / preemption agreement, Accelerate's prepared model, optimizer and loader.
-            Evaluation is moved to the end (`train.eval_every_n_epochs` past the run; plateau off,
-            since it needs evaluations) and checkpoints are off.
-  plain     the loop below: batches indexed straight from the dataset with a seeded permutation,
-            forward, backward, clip_grad_norm_, step, zero_grad, the LR set by hand; losses kept on
-            the device and written as one JSON row per step every 25 steps (all-reduced like the
-            launcher's); 2 processes: torchrun, gloo, DistributedDataParallel.
+  launcher  the real `Trainer` with every per-step behaviour on: one metrics.jsonl row per step
+            (step, epoch, lr, loss averaged over ranks, grad norm), the non-finite / preemption
+            agreement, Accelerate's prepared model, optimizer and data loader. Evaluation is moved to
+            the end (`train.eval_every_n_epochs` past the run; plateau off, as it needs evaluations)
+            and checkpoints are off. 2 processes: `accelerate launch --config_file
+            accelerate_configs/cpu_ddp.yaml`.
+  plain     `PlainLoop` below: batches indexed straight from the dataset with the same seeded
+            permutation, forward, backward, clip_grad_norm_, step, zero_grad; losses kept on the
+            device and written as one JSON row per step every 25 steps (averaged over ranks, like
+            the launcher's); 2 processes: gloo DistributedDataParallel.
 
-Time is measured from the start of the first optimizer step to the end of the last one (start-up
-and the final evaluation are outside), in each run's rank 0. A and B alternate (ABAB..., then
-BABA...) so that load drifting on a shared machine hits both; each pair gives a ratio
-launcher/plain, and the table shows the median ratio and its range. Both sides run with
-OMP_NUM_THREADS=1 (2 processes on 2 cores; 1-thread runs are steadier when the cores are shared).
+Modes (both: time from the start of the first optimizer step to the end of the last one, start-up
+and the final evaluation outside; rank 0's clock; OMP_NUM_THREADS=1 so 2 processes fit 2 cores):
+
+  interleaved (default)  one run per repetition holds both: before each launcher step, the plain
+            loop does its own step (timed apart). Load from other processes on a shared machine
+            then falls on both sides alike, step by step; the ratio is that of the summed step times.
+  separate  A and B in their own processes (plain: `torchrun` for 2), alternating ABAB.. then
+            BABA..; each pair gives a ratio of wall times, and the table shows the median and range.
+            The per-step minimum over repetitions (step i does the same work in every repetition)
+            gives a second, load-stripped estimate. Only trustworthy on a quiet machine.
 
 On one process the two sides compute the same numbers: the per-step losses are compared and the
-largest difference is reported (0 means identical training).
+largest difference is reported (0: identical training). With gpt the window positions come from
+torch's global RNG, which the interleaved sides share, so their losses differ there.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 WORKLOADS = {
-    # name: (recipe, epochs for 1 process, epochs for 2 processes); about 1,000 mnist1d steps, 200 gpt steps
+    # name: (recipe, epochs for 1 process, epochs for 2 processes): ~1,000 mnist1d steps, 200 gpt_tiny steps
     "mnist1d": ("recipes/mnist1d.yaml", 8, 16),
     "gpt_tiny": ("recipes/gpt_tiny.yaml", 4, 8),
 }
@@ -59,11 +67,99 @@ def _overrides(num_epochs: int) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Workers: one measured run each, in its own process(es)
+# The plain loop
 # ---------------------------------------------------------------------------------------------
 
 
-def run_launcher(recipe: str, num_epochs: int, run_dir: str, out: str) -> None:
+class PlainLoop:
+    """A minimal training loop on the recipe's task, one optimizer step per `step()` call."""
+
+    def __init__(self, cfg, log_path: Path):
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+
+        from launcher.plan import make_plan
+        from launcher.tasks import build_task
+
+        self.torch, self.dist, self.cfg = torch, dist, cfg
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        self.task = build_task(cfg.task, cfg.data)
+        self.plan = plan = make_plan(cfg, self.world, len(self.task.train_set))
+        model = self.task.model
+        self.model = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        o = cfg.optim
+        groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        self.optimizer = optimizer(groups, lr=plan.base_lr, betas=o.betas, eps=o.eps)
+        self.max_norm = o.clip_grad_norm or math.inf
+        self.k = 0
+        self.order = None
+        self.pending: list[tuple[int, float, object]] = []
+        self.log = log_path.open("w")
+        self.model.train()
+
+    def lr_at(self, k: int) -> float:
+        from launcher.schedule import scheduled_lr
+
+        p = self.plan
+        return scheduled_lr(k, p.base_lr, self.cfg.schedule, p.warmup_steps, p.steps_per_epoch, p.total_steps)
+
+    def next_batch(self):
+        epoch, i = divmod(self.k, self.plan.steps_per_epoch)
+        if i == 0:
+            g = self.torch.Generator()
+            g.manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+            self.order = self.torch.randperm(len(self.task.train_set), generator=g)
+        first = i * self.plan.global_batch + self.rank * self.plan.per_device_batch
+        return self.task.split(self.task.train_set.__getitems__(self.order[first:first + self.plan.per_device_batch]))
+
+    def step(self, inputs, targets) -> None:
+        self.k += 1
+        lr = self.lr_at(self.k)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.task.loss(self.model(inputs), targets)
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending.append((self.k, lr, loss.detach()))
+        if self.k % LOG_EVERY == 0 or self.k % self.plan.steps_per_epoch == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = self.torch.stack([p[2] for p in self.pending])
+        if self.world > 1:
+            self.dist.all_reduce(losses)
+            losses /= self.world
+        if self.rank == 0:
+            self.log.writelines(json.dumps({"step": k, "lr": lr, "train/loss": v}) + "\n"
+                                for (k, lr, _), v in zip(self.pending, losses.tolist()))
+            self.log.flush()
+        self.pending.clear()
+
+    def close(self) -> list[float]:
+        self.flush()
+        self.log.close()
+        return [json.loads(line)["train/loss"] for line in Path(self.log.name).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one measured run, in its own process(es)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_launcher(recipe: str, num_epochs: int, run_dir: str, out: str, interleave: bool) -> None:
+    """The Trainer, timed per step; with `interleave`, a PlainLoop step (timed apart) before each of its steps."""
     from launcher.config import load_config
     from launcher.distributed import make_accelerator
     from launcher.trainer import Trainer
@@ -73,130 +169,74 @@ def run_launcher(recipe: str, num_epochs: int, run_dir: str, out: str) -> None:
     if accelerator.is_main_process:
         os.makedirs(run_dir, exist_ok=True)
     trainer = Trainer(cfg, run_dir, accelerator)
-    stamps: list[float] = []  # the start of every optimizer step (accumulation is 1 here), then the end
+    plain = PlainLoop(cfg, Path(out).with_suffix(f".plain{accelerator.process_index}.jsonl")) if interleave else None
+    launcher_stamps: list[float] = []  # the start of every launcher step (accumulation is 1 here)
+    launcher_seconds: list[float] = []
+    plain_seconds: list[float] = []
     step = trainer.train_step
 
     def timed_step(batch):
-        stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        if launcher_stamps:  # the previous launcher step, its bookkeeping and the fetch of this batch
+            launcher_seconds.append(now - launcher_stamps[-1])
+        if plain is not None:
+            plain.step(*plain.next_batch())
+            plain_seconds.append(time.perf_counter() - now)
+        launcher_stamps.append(time.perf_counter())
         return step(batch)
 
     trainer.train_step = timed_step
     original_flush = trainer._flush
-    end = 0.0
+    end = [0.0]
 
     def flush_at_end():
-        nonlocal end
         original_flush()
-        if trainer.state.step == trainer.plan.total_steps and not end:
-            end = time.perf_counter()  # the last step and its rows are done; the final evaluation comes next
+        if trainer.state.step == trainer.plan.total_steps and not end[0]:
+            end[0] = time.perf_counter()  # the last step and its rows are done; the final evaluation comes next
 
     trainer._flush = flush_at_end
     try:
         trainer.train()
+        plain_losses = plain.close() if plain is not None else []
     finally:
         trainer.close()
+    launcher_seconds.append(end[0] - launcher_stamps[-1])
     if accelerator.is_main_process:
         rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
-        _write(out, "launcher", [*stamps, end], losses)
+        result = {"launcher": _summary(launcher_seconds, losses)}
+        if plain is not None:
+            result["plain"] = _summary(plain_seconds, plain_losses)
+        Path(out).write_text(json.dumps(result))
 
 
 def run_plain(recipe: str, num_epochs: int, out: str) -> None:
-    import numpy as np
-    import torch
     import torch.distributed as dist
 
     from launcher.config import load_config
-    from launcher.plan import make_plan
-    from launcher.schedule import scheduled_lr
-    from launcher.tasks import build_task
 
-    cfg = load_config(recipe, _overrides(num_epochs))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    task = build_task(cfg.task, cfg.data)
-    plan = make_plan(cfg, world, len(task.train_set))
-    model = task.model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if o.name == "adam":
-        opt = torch.optim.Adam(groups, lr=plan.base_lr, betas=o.betas, eps=o.eps)
-    else:
-        opt = torch.optim.AdamW(groups, lr=plan.base_lr, betas=o.betas, eps=o.eps)
-    max_norm = o.clip_grad_norm or math.inf
-    batch, global_batch = plan.per_device_batch, plan.global_batch
-
-    def lr_at(k: int) -> float:
-        return scheduled_lr(k, plan.base_lr, cfg.schedule, plan.warmup_steps, plan.steps_per_epoch, plan.total_steps)
-
-    log_path = Path(out).parent / f"plain-rank{rank}.jsonl"
-    log = log_path.open("w")
-    pending: list[tuple[int, float, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        losses = torch.stack([p[2] for p in pending])
-        if world > 1:
-            dist.all_reduce(losses)
-            losses /= world
-        if rank == 0:
-            log.writelines(json.dumps({"step": s, "lr": lr, "train/loss": v}) + "\n"
-                           for (s, lr, _), v in zip(pending, losses.tolist()))
-            log.flush()
-        pending.clear()
-
-    all_losses: list[float] = []
-    k, stamps = 0, []
-    model.train()
-    for epoch in range(plan.num_epochs):
-        g = torch.Generator()
-        g.manual_seed(cfg.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(task.train_set), generator=g)
-        for i in range(plan.steps_per_epoch):
-            if k >= plan.total_steps:
-                break
-            first = i * global_batch + rank * batch
-            inputs, targets = task.split(task.train_set.__getitems__(order[first:first + batch]))
-            stamps.append(time.perf_counter())
-            k += 1
-            lr = lr_at(k)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = task.loss(model(inputs), targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append((k, lr, loss.detach()))
-            if k % LOG_EVERY == 0:
-                flush()
-        flush()
+    cfg = load_config(recipe, _overrides(num_epochs))
+    loop = PlainLoop(cfg, Path(out).with_suffix(f".plain{os.environ.get('RANK', '0')}.jsonl"))
+    stamps = []
+    for _ in range(loop.plan.total_steps):
+        inputs, targets = loop.next_batch()
+        stamps.append(time.perf_counter())
+        loop.step(inputs, targets)
+    loop.flush()
     stamps.append(time.perf_counter())
-    log.close()
-    if rank == 0:
-        all_losses = [json.loads(line)["train/loss"] for line in log_path.read_text().splitlines()]
-        _write(out, "plain", stamps, all_losses)
-    if world > 1:
+    losses = loop.close()
+    if loop.rank == 0:
+        Path(out).write_text(json.dumps({"plain": _summary([b - a for a, b in zip(stamps, stamps[1:])], losses)}))
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _write(out: str, impl: str, stamps: list[float], losses: list[float]) -> None:
-    steps = len(stamps) - 1
-    with open(out, "w") as f:
-        json.dump({"impl": impl, "steps": steps, "seconds": stamps[-1] - stamps[0],
-                   "steps_per_sec": steps / (stamps[-1] - stamps[0]),
-                   "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])], "losses": losses}, f)
+def _summary(step_seconds: list[float], losses: list[float]) -> dict:
+    total = sum(step_seconds)
+    return {"steps": len(step_seconds), "seconds": total, "steps_per_sec": len(step_seconds) / total,
+            "step_seconds": step_seconds, "losses": losses}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,20 +249,19 @@ def _env() -> dict[str, str]:
 
 
 def measure(impl: str, workload: str, nproc: int, work: Path) -> dict:
+    """One run of `impl` (launcher, plain or interleaved) in fresh processes; rank 0's result."""
     recipe, epochs1, epochs2 = WORKLOADS[workload]
-    epochs = epochs1 if nproc == 1 else epochs2
     run = Path(tempfile.mkdtemp(prefix=f"{impl}-", dir=work))
     out = run / "result.json"
-    script = str(Path(__file__).resolve())
-    worker = [script, "_worker", "--impl", impl, "--recipe", recipe, "--epochs", str(epochs),
-              "--run_dir", str(run / "run"), "--out", str(out)]
+    worker = [str(Path(__file__).resolve()), "_worker", "--impl", impl, "--recipe", recipe,
+              "--epochs", str(epochs1 if nproc == 1 else epochs2), "--run_dir", str(run / "run"), "--out", str(out)]
     if nproc == 1:
         cmd = [sys.executable, *worker]
-    elif impl == "launcher":
+    elif impl == "plain":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *worker]
+    else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
                "--num_processes", str(nproc), *worker]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *worker]
     log = run / "log.txt"
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
@@ -233,57 +272,54 @@ def measure(impl: str, workload: str, nproc: int, work: Path) -> dict:
 
 
 def _min_per_step(runs: list[dict]) -> float:
-    """Seconds for the whole run if every step went as fast as its fastest repetition.
-
-    Step i does the same work in every repetition (the same flushes and epoch ends at the same
-    steps), so the minimum over repetitions strips the time other processes took from this one.
-    """
+    """Seconds for the whole run if every step went as fast as in its fastest repetition."""
     return sum(min(steps) for steps in zip(*(r["step_seconds"] for r in runs)))
 
 
-def compare(workloads: list[str], nprocs: list[int], reps: int, work: Path) -> list[dict]:
+def _loss_diff(a: dict, b: dict) -> float:
+    return max((abs(x - y) for x, y in zip(a["losses"], b["losses"])), default=math.nan)
+
+
+def compare(workloads: list[str], nprocs: list[int], reps: int, mode: str, work: Path) -> list[dict]:
     results = []
     for workload in workloads:
         for nproc in nprocs:
             pairs: list[tuple[dict, dict]] = []
             for rep in range(reps):
-                order = ["launcher", "plain"] if rep % 2 == 0 else ["plain", "launcher"]
-                got = {impl: measure(impl, workload, nproc, work) for impl in order}
+                if mode == "interleaved":
+                    got = measure("interleaved", workload, nproc, work)
+                else:
+                    order = ["launcher", "plain"] if rep % 2 == 0 else ["plain", "launcher"]
+                    got = {impl: measure(impl, workload, nproc, work)[impl] for impl in order}
                 a, b = got["launcher"], got["plain"]
                 pairs.append((a, b))
-                print(f"{workload} {nproc}p pair {rep + 1}/{reps}: launcher {a['steps_per_sec']:.1f} steps/s, "
+                print(f"{workload} {nproc}p {rep + 1}/{reps}: launcher {a['steps_per_sec']:.1f} steps/s, "
                       f"plain {b['steps_per_sec']:.1f}, ratio {a['steps_per_sec'] / b['steps_per_sec']:.3f}", flush=True)
             launcher, plain = [a for a, _ in pairs], [b for _, b in pairs]
             ratios = [a["steps_per_sec"] / b["steps_per_sec"] for a, b in pairs]
-            steps = launcher[0]["steps"]
-            best_launcher, best_plain = _min_per_step(launcher), _min_per_step(plain)
-            results.append({
-                "workload": workload, "recipe": WORKLOADS[workload][0], "nproc": nproc, "reps": reps,
-                "steps": steps, "plain_steps": plain[0]["steps"],
-                "launcher_steps_per_sec": statistics.median(r["steps_per_sec"] for r in launcher),
-                "plain_steps_per_sec": statistics.median(r["steps_per_sec"] for r in plain),
-                "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                "ratios": ratios,
-                "launcher_steps_per_sec_min_per_step": steps / best_launcher,
-                "plain_steps_per_sec_min_per_step": steps / best_plain,
-                "ratio_min_per_step": best_plain / best_launcher,
-                "max_loss_diff": max(max((abs(x - y) for x, y in zip(a["losses"], b["losses"])), default=math.nan)
-                                     for a, b in pairs),
-            })
+            row = {"workload": workload, "recipe": WORKLOADS[workload][0], "nproc": nproc, "reps": reps, "mode": mode,
+                   "steps": launcher[0]["steps"], "plain_steps": plain[0]["steps"],
+                   "launcher_steps_per_sec": statistics.median(r["steps_per_sec"] for r in launcher),
+                   "plain_steps_per_sec": statistics.median(r["steps_per_sec"] for r in plain),
+                   "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                   "ratios": ratios, "max_loss_diff": max(_loss_diff(a, b) for a, b in pairs)}
+            if mode == "separate":
+                row["ratio_min_per_step"] = _min_per_step(plain) / _min_per_step(launcher)
+            results.append(row)
     return results
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| workload | processes | steps | launcher steps/s | plain steps/s | launcher/plain: median of pairs "
-             "(range) | per-step minimum: launcher, plain steps/s | launcher/plain: per-step minimum | same losses |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    separate = any(r["mode"] == "separate" for r in results)
+    lines = ["| workload | processes | steps | launcher steps/s | plain steps/s | launcher/plain: median (range) "
+             + ("| launcher/plain: per-step minimum " if separate else "") + "| losses |",
+             "|---|---|---|---|---|---|---|" + ("---|" if separate else "")]
     for r in results:
-        same = "identical" if r["max_loss_diff"] == 0 else f"max diff {r['max_loss_diff']:.2g}"
-        lines.append(f"| {r['workload']} | {r['nproc']} | {r['steps']} | "
-                     f"{r['launcher_steps_per_sec']:.1f} | {r['plain_steps_per_sec']:.1f} | "
-                     f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}, {r['reps']} pairs) | "
-                     f"{r['launcher_steps_per_sec_min_per_step']:.1f}, {r['plain_steps_per_sec_min_per_step']:.1f} | "
-                     f"**{r['ratio_min_per_step']:.3f}** | {same} |")
+        same = "identical" if r["max_loss_diff"] == 0 else f"differ (max {r['max_loss_diff']:.2g})"
+        lines.append(f"| {r['workload']} | {r['nproc']} | {r['steps']} | {r['launcher_steps_per_sec']:.1f} | "
+                     f"{r['plain_steps_per_sec']:.1f} | **{r['ratio_median']:.3f}** ({r['ratio_min']:.3f}-"
+                     f"{r['ratio_max']:.3f}, {r['reps']} runs) | "
+                     + (f"{r['ratio_min_per_step']:.3f} | " if separate else "") + f"{same} |")
     return "\n".join(lines)
 
 
@@ -291,22 +327,23 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
         p = argparse.ArgumentParser()
-        p.add_argument("--impl", choices=["launcher", "plain"])
+        p.add_argument("--impl", choices=["launcher", "plain", "interleaved"])
         p.add_argument("--recipe")
         p.add_argument("--epochs", type=int)
         p.add_argument("--run_dir")
         p.add_argument("--out")
         a = p.parse_args(argv[1:])
-        if a.impl == "launcher":
-            run_launcher(a.recipe, a.epochs, a.run_dir, a.out)
-        else:
-            os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        if a.impl == "plain":
             run_plain(a.recipe, a.epochs, a.out)
+        else:
+            run_launcher(a.recipe, a.epochs, a.run_dir, a.out, interleave=a.impl == "interleaved")
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", default="mnist1d,gpt_tiny", help="comma-separated: " + ", ".join(WORKLOADS))
     p.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
-    p.add_argument("--reps", type=int, default=5, help="A/B pairs per workload and process count")
+    p.add_argument("--reps", type=int, default=3, help="runs (interleaved) or A/B pairs (separate) per case")
+    p.add_argument("--mode", choices=["interleaved", "separate"], default="interleaved")
     p.add_argument("--json", default="", help="also write the results here")
     a = p.parse_args(argv)
     workloads = [w for w in a.workloads.split(",") if w]
@@ -314,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as work:
-        results = compare(workloads, [int(n) for n in a.nprocs.split(",")], a.reps, Path(work))
+        results = compare(workloads, [int(n) for n in a.nprocs.split(",")], a.reps, a.mode, Path(work))
     print(table(results))
     if a.json:
         with open(a.json, "w") as f:
