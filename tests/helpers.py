@@ -2,30 +2,67 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DDP = str(ROOT / "accelerate_configs" / "cpu_ddp.yaml")
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 # Small, fast MNIST-1D settings for tests that only need the plumbing.
 TINY = ["--task.options.num_train=512", "--task.options.num_test=200", "--train.progress_bar=off"]
 
+# Set by a launcher for the processes it starts; inherited by a subprocess, they would make a
+# one-process run believe it is one rank of a larger job.
+DISTRIBUTED_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 
 def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
-    e.setdefault("OMP_NUM_THREADS", "1")
-    e["WANDB_MODE"] = e.get("WANDB_MODE", "disabled")
+    """A subprocess environment: the repo importable, one thread, W&B disabled unless this process sets a
+    mode, and none of the distributed or ACCELERATE_* variables of this process; `extra` wins over all."""
+    e = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARS and not k.startswith("ACCELERATE_")}
+    e["OMP_NUM_THREADS"] = "1"
+    e.setdefault("WANDB_MODE", "disabled")
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH", "")) if p)
     e.update(extra)
     return e
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a command started by start() and every process of its group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start(args: list[str], cwd: Path | str = ROOT, **extra_env: str) -> subprocess.Popen:
+    """Start a command in its own session (its own process group), output captured as text."""
+    return subprocess.Popen(args, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
 def run(args: list[str], cwd: Path | str = ROOT, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    """Run a command to the end in its own process group, so that a hang never leaves processes behind:
+    past `timeout` seconds the whole group is killed and the test fails with the end of its stderr."""
+    proc = start(args, cwd=cwd, **extra_env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, args[:6]))} ... timed out after {timeout}s:\n{err[-3000:]}")
+    except BaseException:  # interrupted (Ctrl-C, the pytest timeout): take the processes down too
+        kill_group(proc)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def train(*args: str, cwd: Path | str = ROOT, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
@@ -34,9 +71,15 @@ def train(*args: str, cwd: Path | str = ROOT, timeout: int = 300, **extra_env: s
 
 def train_ddp(*args: str, num_processes: int = 2, module: str = "launcher.train", cwd: Path | str = ROOT,
               timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_DDP,
-           "--num_processes", str(num_processes), "-m", module, *args]
+    cmd = [*ACCELERATE, "--config_file", CPU_DDP, "--num_processes", str(num_processes), "-m", module, *args]
     return run(cmd, cwd=cwd, timeout=timeout, **extra_env)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path | str) -> tuple[list[dict], list[dict]]:
@@ -56,3 +99,16 @@ def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def fit_batch(task, optimizer, inputs, targets, steps: int) -> list[float]:
+    """`steps` optimizer steps of task.model on one batch, in train mode: the loss of each step."""
+    task.model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = task.loss(task.model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -11,45 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from launcher.distributed import resolve_deepspeed_config
 from launcher.errors import UsageError
 
+from helpers import ACCELERATE, ROOT, read_metrics, run, train
+
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")  # accelerate's DeepSpeed path reads its version
 
-ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = json.loads((ROOT / "accelerate_configs/deepspeed/zero2.json").read_text())
 ZERO3 = json.loads((ROOT / "accelerate_configs/deepspeed/zero3.json").read_text())
 RECIPE = dict(micro_batch=16, grad_accum=2, world_size=4, clip_grad_norm=0.5, mixed_precision="no")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
-                "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_MIXED_PRECISION"):
-        if var not in extra:
-            env.pop(var, None)
-    return env
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group, so a hang never leaves training processes behind."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +108,8 @@ def test_bad_config_fails_before_training_with_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**ZERO2, "zero_optimization": {"stage": 7}}))
     run_dir = tmp_path / "run"
-    proc = _run(
-        [sys.executable, "-m", "launcher.train", "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)],
-        env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
-        timeout=120)
+    proc = train("--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir), timeout=120,
+                 ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: {bad}: invalid DeepSpeed config: zero_optimization.stage: Input should be 0, 1, 2, 3 or 3 (got 7)"]
@@ -146,10 +119,8 @@ def test_bad_config_fails_before_training_with_one_line_and_exit_2(tmp_path):
 def test_unparseable_json_names_the_line(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 2},\n  "bf16": {"enabled": "auto"}\n  "fp16": {}\n}\n')
-    proc = _run(
-        [sys.executable, "-m", "launcher.train", "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(tmp_path / "r")],
-        env=_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad)),
-        timeout=120)
+    proc = train("--recipe", "recipes/mnist1d.yaml", "--output_dir", str(tmp_path / "r"), timeout=120,
+                 ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(bad))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: DeepSpeed config {str(bad)!r} is not valid JSON at line 4: "
                                                 "Expecting ',' delimiter; fix the file"]
@@ -160,10 +131,8 @@ def test_accelerate_config_with_mixed_precision_next_to_the_json_is_refused_thro
     config = tmp_path / "ds.yaml"
     config.write_text((ROOT / "accelerate_configs/cpu_deepspeed_zero2.yaml").read_text() + "mixed_precision: bf16\n")
     run_dir = tmp_path / "run"
-    proc = _run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "launcher.train",
-         "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)],
-        env=_env(), timeout=300)
+    proc = run([*ACCELERATE, "--config_file", str(config), "-m", "launcher.train",
+                "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)], timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: the accelerate config sets mixed_precision next to deepspeed_config_file "
@@ -178,26 +147,18 @@ def test_accelerate_config_with_mixed_precision_next_to_the_json_is_refused_thro
 def test_zero2_two_cpu_processes_train_like_one_process(tmp_path):
     common = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=640", "--task.options.num_test=200",
               "--train.num_epochs=2", "--checkpoint.enabled=false", "--optim.clip_grad_norm=0.05"]
-    ds = _run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml",
-         "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "ds"), "--train.batch_size=8",
-         "--train.grad_accum_steps=2"],
-        env=_env(), timeout=900)
+    ds = run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml",
+              "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "ds"), "--train.batch_size=8",
+              "--train.grad_accum_steps=2"], timeout=900)
     assert ds.returncode == 0, ds.stdout[-2000:] + ds.stderr[-4000:]
     assert "topology: DEEPSPEED, 2 process(es) on 1 machine(s), device cpu, mixed precision no" in ds.stdout
     assert "deepspeed: ZeRO stage 2, micro-batch 8, accumulation 2, gradient_clipping 0.05" in ds.stdout
     assert ds.stdout.count("completed:") == 1  # one main process, not two that each believe they are alone
 
-    one = _run(
-        [sys.executable, "-m", "launcher.train", *common, "--output_dir", str(tmp_path / "one"),
-         "--train.batch_size=32"], env=_env(), timeout=300)
+    one = train(*common, "--output_dir", str(tmp_path / "one"), "--train.batch_size=32", timeout=300)
     assert one.returncode == 0, one.stderr[-4000:]
 
-    def train_rows(name):
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [r for r in rows if "train/loss" in r]
-
-    ds_rows, one_rows = train_rows("ds"), train_rows("one")
+    (ds_rows, _), (one_rows, _) = read_metrics(tmp_path / "ds"), read_metrics(tmp_path / "one")
     assert [r["step"] for r in ds_rows] == [r["step"] for r in one_rows] == list(range(1, 41))
     assert [r["lr"] for r in ds_rows] == pytest.approx([r["lr"] for r in one_rows], rel=1e-12)
     assert [r["train/loss"] for r in ds_rows] == pytest.approx([r["train/loss"] for r in one_rows], rel=1e-5)

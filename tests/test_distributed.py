@@ -13,8 +13,6 @@ are real `accelerate launch` / `torchrun` runs of 2 gloo processes on this CPU m
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,40 +24,12 @@ import yaml
 
 from launcher.distributed import requested_processes
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ACCELERATE, ROOT, free_port, kill_group, read_metrics, run, start
+
 CONFIGS = ROOT / "accelerate_configs"
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 SMALL = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=320", "--task.options.num_test=100",
          "--train.num_epochs=1", "--train.batch_size=16", "--checkpoint.enabled=false"]
 STEPS = 320 // 32  # optimizer steps of SMALL on 2 processes (global batch 32)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
-                "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION"):
-        if var not in extra:
-            env.pop(var, None)
-    return env
-
-
-def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group, so a hang never leaves training processes behind."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +156,7 @@ def test_requested_processes_reads_the_named_config_relative_to_the_launch_direc
 def test_accelerate_starting_one_process_for_two_is_stopped(how, tmp_path, multi_cpu_config):
     launch = ["--cpu", "--num_processes", "2"] if how == "--cpu flag" else ["--config_file", str(multi_cpu_config)]
     run_dir = tmp_path / "run"
-    proc = _run([*ACCELERATE, *launch, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
+    proc = run([*ACCELERATE, *launch, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
         "error: `accelerate launch` was asked for 2 processes but started only this one (it runs --cpu, use_cpu: true "
@@ -199,7 +169,7 @@ def test_accelerate_starting_one_process_for_two_is_stopped(how, tmp_path, multi
 @pytest.mark.slow
 def test_fsdp_config_on_cpu_is_refused_not_degraded(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run([*ACCELERATE, "--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "2",
+    proc = run([*ACCELERATE, "--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "2",
                  "--mixed_precision", "no", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: FSDP needs GPUs"), proc.stderr[-3000:]
@@ -221,7 +191,7 @@ def test_two_process_launches_are_one_job_and_exit_cleanly(tmp_path):
     statuses = {}
     for name, launcher in TWO_PROCESS_LAUNCHES.items():
         run_dir = tmp_path / name.strip("-").replace(".", "_")
-        proc = _run([*launcher, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
+        proc = run([*launcher, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
         statuses[name] = proc.returncode
         assert proc.returncode == 0, f"{name}: {proc.stdout[-1500:]}{proc.stderr[-3000:]}"
         assert "terminate called" not in proc.stderr, name
@@ -230,22 +200,20 @@ def test_two_process_launches_are_one_job_and_exit_cleanly(tmp_path):
         assert proc.stdout.count("completed:") == 1, name  # not two processes each believing it is alone
         plan = json.loads((run_dir / "plan.json").read_text())
         assert (plan["num_processes"], plan["global_batch"], plan["steps_per_epoch"]) == (2, 32, STEPS)
-        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if "train/loss" in line]
-        assert steps == list(range(1, STEPS + 1)), name
+        steps, _ = read_metrics(run_dir)
+        assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), name
     assert statuses == dict.fromkeys(TWO_PROCESS_LAUNCHES, 0)
 
 
 @pytest.mark.slow
 def test_multi_node_config_with_two_local_machines(tmp_path):
-    port = _free_port()
+    port = free_port()
     run_dir = tmp_path / "run"
     common = ["--config_file", "accelerate_configs/multi_node.yaml", "--rdzv_backend", "c10d", "--main_process_ip",
               "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2", "--num_machines", "2",
               "--mixed_precision", "no", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)]
     def machine(rank: int) -> subprocess.Popen:
-        return subprocess.Popen([*ACCELERATE, "--machine_rank", str(rank), *common], cwd=ROOT, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return start([*ACCELERATE, "--machine_rank", str(rank), *common])
 
     # Both "machines" share 127.0.0.1, so either could host the rendezvous store; machine 0 must, or
     # its launcher finds main_process_port taken and gives up. Start machine 1 once the store listens.
@@ -262,7 +230,7 @@ def test_multi_node_config_with_two_local_machines(tmp_path):
     finally:
         for m in machines:
             if m.poll() is None:
-                os.killpg(m.pid, signal.SIGKILL)
+                kill_group(m)
     assert [m.returncode for m in machines] == [0, 0], [err[-3000:] for _, err in outputs]
     stdout = "".join(out for out, _ in outputs)
     assert "topology: MULTI_CPU, 2 process(es) on 2 machine(s)" in stdout

@@ -12,18 +12,16 @@ Accelerate repeats to even out the last batch are not counted twice.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import ACCELERATE, read_metrics, run
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST, VAL_BATCH_PER_DEVICE = 640, 200, 64
 COMMON = ["--recipe", "recipes/mnist1d.yaml", f"--task.options.num_train={NUM_TRAIN}",
           f"--task.options.num_test={NUM_TEST}", "--train.num_epochs=3", "--checkpoint.enabled=false",
@@ -33,36 +31,16 @@ WEIGHTS_ATOL = 1e-5
 VAL_RTOL = 1e-6
 
 
-def _env(weights_dir: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               LAUNCHER_DEBUG_WEIGHTS_DIR=str(weights_dir))
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group, so a hang never leaves training processes behind."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def _train(tmp: Path, name: str, launcher: list[str], *args: str) -> dict:
     run_dir, weights = tmp / name, tmp / f"{name}-weights"
     weights.mkdir()
-    proc = _run([*launcher, "-m", "launcher.train", *COMMON, "--output_dir", str(run_dir), *args], _env(weights), 300)
+    proc = run([*launcher, "-m", "launcher.train", *COMMON, "--output_dir", str(run_dir), *args],
+               LAUNCHER_DEBUG_WEIGHTS_DIR=str(weights))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train, val = read_metrics(run_dir)
     return {
-        "train": [r for r in rows if "train/loss" in r],
-        "val": [r for r in rows if "val/loss" in r],
+        "train": train,
+        "val": val,
         "plan": json.loads((run_dir / "plan.json").read_text()),
         "weights": {p.stem: torch.load(p) for p in sorted(weights.glob("rank*.pt"))},
     }
@@ -71,7 +49,7 @@ def _train(tmp: Path, name: str, launcher: list[str], *args: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("equivalence")
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml"]
+    accelerate = [*ACCELERATE, "--config_file", "accelerate_configs/cpu_ddp.yaml"]
     return {
         "2x16": _train(tmp, "ddp", accelerate, "--train.batch_size=16"),
         "1x32": _train(tmp, "single", [sys.executable], "--train.batch_size=32"),

@@ -9,49 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from launcher.distributed import resolve_mixed_precision
 from launcher.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ACCELERATE, read_metrics, run, train
+
 SMALL = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=640", "--task.options.num_test=200",
          "--train.num_epochs=2", "--checkpoint.enabled=false"]
 FP16_ERROR = ("error: train.mixed_precision: fp16 needs a GPU (on CPU Accelerate silently ignores it); "
               "use --train.mixed_precision=bf16 or no")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION",
-                "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
-        if var not in extra:
-            env.pop(var, None)
-    return env
-
-
-def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group, so a hang never leaves training processes behind."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _train_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train/loss" in r]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,12 +56,11 @@ def test_bf16_on_cpu_trains_and_really_runs_in_bf16(tmp_path):
     runs = {}
     for precision in ("bf16", "no"):
         run_dir = tmp_path / precision
-        proc = _run([sys.executable, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir),
-                     f"--train.mixed_precision={precision}"])
+        proc = train(*SMALL, "--output_dir", str(run_dir), f"--train.mixed_precision={precision}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"device cpu, mixed precision {precision}" in proc.stdout
         assert json.loads((run_dir / "plan.json").read_text())["mixed_precision"] == precision
-        runs[precision] = _train_rows(run_dir)
+        runs[precision], _ = read_metrics(run_dir)
     losses = [r["train/loss"] for r in runs["bf16"]]
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2  # it learns
@@ -105,8 +73,8 @@ def test_bf16_on_cpu_trains_and_really_runs_in_bf16(tmp_path):
 def test_auto_takes_the_accelerate_config_value(tmp_path):
     # single_gpu.yaml says bf16; on a CPU-only machine it trains on the CPU, still in bf16.
     run_dir = tmp_path / "run"
-    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/single_gpu.yaml",
-                 "-m", "launcher.train", *SMALL, "--train.num_epochs=1", "--output_dir", str(run_dir)])
+    proc = run([*ACCELERATE, "--config_file", "accelerate_configs/single_gpu.yaml",
+                "-m", "launcher.train", *SMALL, "--train.num_epochs=1", "--output_dir", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "topology: NO, 1 process(es) on 1 machine(s), device cpu, mixed precision bf16" in proc.stdout
     assert json.loads((run_dir / "plan.json").read_text())["mixed_precision"] == "bf16"
@@ -114,8 +82,7 @@ def test_auto_takes_the_accelerate_config_value(tmp_path):
 
 def test_fp16_on_cpu_exits_2_with_one_line_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run([sys.executable, "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir),
-                 "--train.mixed_precision=fp16"], timeout=120)
+    proc = train(*SMALL, "--output_dir", str(run_dir), "--train.mixed_precision=fp16", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [FP16_ERROR]
     assert not run_dir.exists()
@@ -124,8 +91,8 @@ def test_fp16_on_cpu_exits_2_with_one_line_and_writes_nothing(tmp_path):
 @pytest.mark.slow
 def test_fp16_from_a_two_process_launch_is_reported_once(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
-                 "--mixed_precision", "fp16", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
+    proc = run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_ddp.yaml",
+                "--mixed_precision", "fp16", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
     assert proc.returncode != 0
     assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [FP16_ERROR]
     assert "exitcode  : 2" in proc.stderr
