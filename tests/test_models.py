@@ -8,14 +8,7 @@ import torch
 from launcher.models.gpt import GPT, GPTConfig
 from launcher.models.resnet import BasicBlock, resnet18, resnet_tiny
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt(**kw) -> GPT:

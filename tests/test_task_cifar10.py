@@ -16,6 +16,8 @@ from launcher.errors import UsageError
 from launcher.tasks import build_task
 from launcher.tasks import cifar10 as c10
 
+from helpers import fit_batch
+
 NUM_PER_BATCH = 8  # 5 training batches -> 40 training images; 8 test images
 
 
@@ -46,15 +48,6 @@ def archive_root(tmp_path):
     batches = _batches()
     _write_archive(tmp_path / c10.ARCHIVE, batches)
     return tmp_path, batches
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and do not stall when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _task(root, **options):
@@ -212,14 +205,7 @@ def test_few_steps_reduce_loss(archive_root, one_thread):
     batch = task.collate_fn(task.train_set.__getitems__(list(range(32))))
     inputs, targets = task.split(batch)
     optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-2)
-    task.model.train()
-    losses = []
-    for _ in range(15):
-        optimizer.zero_grad()
-        loss = task.loss(task.model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_batch(task, optimizer, inputs, targets, steps=15)
     assert losses[-1] < 0.5 * losses[0]
     task.model.eval()
     with torch.no_grad():

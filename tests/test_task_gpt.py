@@ -12,16 +12,12 @@ from launcher.errors import UsageError
 from launcher.tasks import build_task
 from launcher.tasks import gpt as gpt_task
 
+from helpers import fit_batch
+
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "samples_per_epoch": 64, "val_samples": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -136,14 +132,7 @@ def test_few_steps_reduce_loss(text_file):
     optimizer = torch.optim.AdamW(task.model.parameters(), lr=3e-3)
     batch = task.collate_fn(task.train_set.__getitems__(list(range(32))))
     inputs, targets = task.split(batch)
-    task.model.train()
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = task.loss(task.model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_batch(task, optimizer, inputs, targets, steps=30)
     assert losses[0] == pytest.approx(math.log(256), rel=0.05)  # near-uniform at init
     assert losses[-1] < 0.6 * losses[0]
     task.model.eval()
