@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +30,7 @@ from launcher.config import CheckpointConfig
 from launcher.errors import UsageError
 from launcher.preemption import Faults, Preemption, StepGuard
 
-from helpers import ROOT, TINY, assert_usage_error, env, read_metrics, train
+from helpers import TINY, assert_usage_error, read_metrics, run, train
 
 # ---------------------------------------------------------------------------------------------
 # Rotation
@@ -248,8 +247,7 @@ def test_checkpoint_contents_load_weights_only(run_dir):
 
 
 def test_listing_cli_marks_what_resume_auto_picks(run_dir):
-    result = subprocess.run([sys.executable, "-m", "launcher.checkpoint", str(run_dir)], cwd=ROOT, env=env(),
-                            capture_output=True, text=True, timeout=120)
+    result = run([sys.executable, "-m", "launcher.checkpoint", str(run_dir)], timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     total = json.loads((run_dir / "plan.json").read_text())["total_steps"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -16,16 +15,15 @@ import pytest
 from launcher import compare
 from launcher.compare import Run, group_runs, load_runs, plot_runs
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run
+
 TINY = {"train.num_epochs": 3, "task.options.num_train": 384, "task.options.num_test": 128,
         "train.progress_bar": "off", "checkpoint.enabled": False}
 TINY_ARGS = [f"--{k}={v}" for k, v in TINY.items()]
 
 
 def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "launcher.compare", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return run([sys.executable, "-m", "launcher.compare", *args], timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import yaml
 from launcher.config import Config, flatten, load_config, to_dict, to_yaml, valid_keys
 from launcher.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:

@@ -18,14 +18,9 @@ from pathlib import Path
 import pytest
 from test_resume import BASE, assert_same_run, newest_checkpoint, plan, reference
 
-from helpers import CPU_DDP, ROOT, env, read_metrics, train
+from helpers import ACCELERATE, CPU_DDP, read_metrics, run, start, train
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def start(args: list[str], **extra_env: str) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
 
 
 def wait_for_pause(proc: subprocess.Popen, marker: Path) -> int:
@@ -42,12 +37,12 @@ def wait_for_pause(proc: subprocess.Popen, marker: Path) -> int:
 def test_sigusr1_checkpoints_the_step_in_flight_and_exits_124(tmp_path, tmp_path_factory):
     ref = reference(tmp_path_factory)
     last = plan(ref)["steps_per_epoch"]  # the signal comes before the last step of epoch 1: the hardest
-    run = tmp_path / "run"                # place, a checkpoint after that step but before the evaluation
+    run_dir = tmp_path / "run"            # place, a checkpoint after that step but before the evaluation
     hook_out = tmp_path / "hook.txt"
-    proc = start([sys.executable, "-m", "launcher.train", *BASE, "--output_dir", str(run)],
+    proc = start([sys.executable, "-m", "launcher.train", *BASE, "--output_dir", str(run_dir)],
                  LAUNCHER_TEST_PAUSE_AT_STEP=str(last - 1),
                  LAUNCHER_ON_PREEMPT=f'echo "$LAUNCHER_CHECKPOINT" > {hook_out}')
-    pid = wait_for_pause(proc, run / ".paused-rank0")
+    pid = wait_for_pause(proc, run_dir / ".paused-rank0")
     assert pid == proc.pid
     # Keep signalling (USR1 and TERM) until the process exits: many arrive while the checkpoint is
     # being written and must change nothing.
@@ -59,46 +54,44 @@ def test_sigusr1_checkpoints_the_step_in_flight_and_exits_124(tmp_path, tmp_path
     out, err = proc.communicate()
     assert proc.returncode == 124, err[-3000:]
     assert sent > 1
-    ckpt = newest_checkpoint(run)
+    ckpt = newest_checkpoint(run_dir)
     assert ckpt.name == f"step_{last:08d}"  # step last - 1 was done when the signal came; `last` was in flight
     assert f"preempted (SIGUSR1) at step {last}" in out and "resume with --resume auto" in out
-    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
-    steps, _ = read_metrics(run)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
+    steps, _ = read_metrics(run_dir)
     assert steps[-1]["step"] == last  # every finished step is on disk
     assert hook_out.read_text().strip() == str(ckpt)
 
-    resumed = train(*BASE, "--output_dir", str(run), "--resume", "auto")
+    resumed = train(*BASE, "--output_dir", str(run_dir), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpt}:" in resumed.stdout
-    assert_same_run(run, ref)
+    assert_same_run(run_dir, ref)
 
 
 def test_two_processes_sigkill_then_sigterm_on_one_rank_then_resume(tmp_path, tmp_path_factory):
     """2 gloo processes (batch 16 each = the reference's 32): kill, resume, preempt one rank, resume."""
     ref = reference(tmp_path_factory)
-    run = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_DDP, "-m", "launcher.train",
-              *BASE, "--train.batch_size=16", "--output_dir", str(run)]
-    killed = subprocess.run(launch, cwd=ROOT, env=env(LAUNCHER_TEST_KILL_AT_STEP="7"), capture_output=True,
-                            text=True, timeout=240)
+    run_dir = tmp_path / "run"
+    launch = [*ACCELERATE, "--config_file", CPU_DDP, "-m", "launcher.train",
+              *BASE, "--train.batch_size=16", "--output_dir", str(run_dir)]
+    killed = run(launch, timeout=240, LAUNCHER_TEST_KILL_AT_STEP="7")
     assert killed.returncode != 0
-    assert newest_checkpoint(run).name == "step_00000005"
+    assert newest_checkpoint(run_dir).name == "step_00000005"
 
     # Only rank 1 gets SIGTERM; rank 0 learns it through the per-step all-reduce, so neither hangs.
     proc = start([*launch, "--resume", "auto"], LAUNCHER_TEST_PAUSE_AT_STEP="21:1")
-    pid = wait_for_pause(proc, run / ".paused-rank1")
+    pid = wait_for_pause(proc, run_dir / ".paused-rank1")
     os.kill(pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     # Both workers exit 124; accelerate launch (torch elastic) itself reports a failure (status 1).
     assert proc.returncode != 0
     assert err.count("exitcode  : 124") == 2, err[-3000:]
     assert "preempted (signal to another process) at step 22" in out  # the main process only heard of it
-    assert newest_checkpoint(run).name == "step_00000022"
-    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
+    assert newest_checkpoint(run_dir).name == "step_00000022"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
 
-    resumed = subprocess.run([*launch, "--resume", "auto"], cwd=ROOT, env=env(), capture_output=True, text=True,
-                             timeout=240)
+    resumed = run([*launch, "--resume", "auto"], timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {run / 'checkpoints' / 'step_00000022'}:" in resumed.stdout
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000022'}:" in resumed.stdout
     # 2 x 16 sums the gradients in another order than 1 x 32: equal within float rounding.
-    assert_same_run(run, ref, exact=False)
+    assert_same_run(run_dir, ref, exact=False)

@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 from launcher.config import PlateauConfig, ScheduleConfig
 from launcher.schedule import LRScheduler, preview, scheduled_lr
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run
 
 
 def sched(**kw) -> ScheduleConfig:
@@ -203,8 +202,7 @@ def test_state_dict_round_trip_mid_cooldown(values, cut, cooldown, patience):
 
 
 def run_preview(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.schedule", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return run([sys.executable, "-m", "launcher.schedule", *args], timeout=120)
 
 
 def test_preview_cli_table_json_and_plot(tmp_path):

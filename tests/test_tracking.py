@@ -15,7 +15,8 @@ from launcher.compare import load_runs, read_wandb_offline, read_wandb_records
 from launcher.config import TrackingConfig, WandbConfig
 from launcher.tracking import Tracker, resolve_wandb_mode, summary_values
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SECRET = "some-fake-secret"
 TINY = {"train.num_epochs": 2, "task.options.num_train": 256, "task.options.num_test": 128,
         "train.progress_bar": "off", "checkpoint.enabled": False}
