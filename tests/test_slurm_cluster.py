@@ -130,18 +130,24 @@ def render_with_standin(tmp_path: Path, argv: list[str]) -> tuple[Path, Path]:
     return script_path, run_dir
 
 
-def submit(cluster: slurm_cluster.Cluster, script_path: Path) -> str:
-    return cluster.run("sbatch", "--parsable", str(script_path)).stdout.strip().split(";")[0]
+def submit_standin(cluster: slurm_cluster.Cluster, tmp_path: Path, *options: str) -> tuple[str, Path, Path]:
+    """Submit a one-node CPU job of the stand-in with these options: (job id, run directory, job log)."""
+    script_path, run_dir = render_with_standin(tmp_path, [
+        "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", *options])
+    job_id = cluster.run("sbatch", "--parsable", str(script_path)).stdout.strip().split(";")[0]
+    return job_id, run_dir, run_dir / "slurm" / f"mnist1d-{job_id}.out"
+
+
+def signal_when_ready(cluster: slurm_cluster.Cluster, job_id: str, run_dir: Path, ready: str, count: int) -> None:
+    """What --signal=USR1@N does at the deadline: signal every process of the job's steps, not the batch
+    shell; sent once `count` processes wrote their `ready` file."""
+    wait_for_files(ready, run_dir, count, timeout=40)
+    cluster.run("scancel", "--signal=USR1", job_id)
 
 
 def test_preemption_signal_reaches_training_and_the_job_requeues(slurm_env, tmp_path):
-    script_path, run_dir = render_with_standin(tmp_path, [
-        "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", "--num_processes", "2", "--time", "00:05:00"])
-    job_id = submit(slurm_env, script_path)
-    log = run_dir / "slurm" / f"mnist1d-{job_id}.out"
-    wait_for_files("ready-0-*", run_dir, 2, timeout=40)
-    # What --signal=USR1@N does at the deadline: signal every process of the job's steps, not the batch shell.
-    slurm_env.run("scancel", "--signal=USR1", job_id)
+    job_id, run_dir, log = submit_standin(slurm_env, tmp_path, "--num_processes", "2", "--time", "00:05:00")
+    signal_when_ready(slurm_env, job_id, run_dir, "ready-0-*", 2)
 
     info = wait_for_end(slurm_env, job_id, log, timeout=50)
     text = log.read_text()
@@ -159,10 +165,7 @@ def test_preemption_signal_reaches_training_and_the_job_requeues(slurm_env, tmp_
 def test_time_limit_signal_checkpoints_and_requeues(slurm_env, tmp_path):
     """The template's own #SBATCH --signal (no scancel). Slurm checks every 30 s and signals once the
     time left is <= 20 + 30 s: 10-40 s after the start, when the stand-in is surely listening."""
-    script_path, run_dir = render_with_standin(tmp_path, [
-        "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", "--time", "00:01:00", "--signal_seconds", "20"])
-    job_id = submit(slurm_env, script_path)
-    log = run_dir / "slurm" / f"mnist1d-{job_id}.out"
+    job_id, run_dir, log = submit_standin(slurm_env, tmp_path, "--time", "00:01:00", "--signal_seconds", "20")
     info = wait_for_end(slurm_env, job_id, log, timeout=90)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
@@ -170,12 +173,8 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm_env, tmp_path):
 
 
 def test_requeues_stop_at_the_limit(slurm_env, tmp_path):
-    script_path, run_dir = render_with_standin(tmp_path, [
-        "--recipe", RECIPE, "--nodes", "1", "--gpus_per_node", "0", "--time", "00:05:00", "--max_requeues", "0"])
-    job_id = submit(slurm_env, script_path)
-    log = run_dir / "slurm" / f"mnist1d-{job_id}.out"
-    wait_for_files("ready-0-0", run_dir, 1, timeout=40)
-    slurm_env.run("scancel", "--signal=USR1", job_id)
+    job_id, run_dir, log = submit_standin(slurm_env, tmp_path, "--time", "00:05:00", "--max_requeues", "0")
+    signal_when_ready(slurm_env, job_id, run_dir, "ready-0-0", 1)
     info = wait_for_end(slurm_env, job_id, log, timeout=40)
     text = log.read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text

@@ -53,6 +53,13 @@ def sbatch_options(script: str) -> dict[str, str]:
     return options
 
 
+def assert_sbatch_options(script: str, expected: dict[str, str]) -> dict[str, str]:
+    """Check the script's #SBATCH options named in `expected`; returns all of them."""
+    options = sbatch_options(script)
+    assert {key: options.get(key) for key in expected} == expected
+    return options
+
+
 def bash_syntax_ok(script: str, tmp_path: Path) -> None:
     path = tmp_path / "syntax-check.sbatch"
     path.write_text(script)
@@ -74,17 +81,18 @@ def _in_tmp(tmp_path, monkeypatch):
 def test_single_node_cpu_script(tmp_path, capsys):
     script = dry_run([*BASE, "--num_processes", "2", "--output_dir", "run"], capsys)
     run_dir = tmp_path / "run"
-    opts = sbatch_options(script)
-    assert opts["--job-name"] == "mnist1d"
-    assert opts["--nodes"] == "1"
-    assert opts["--ntasks-per-node"] == "1"
-    assert opts["--cpus-per-task"] == "2"  # 2 processes x (1 + data.num_workers=0)
-    assert opts["--time"] == "00:10:00"
-    assert opts["--output"] == f"{run_dir}/slurm/%x-%j.out"
-    assert opts["--open-mode"] == "append"
+    opts = assert_sbatch_options(script, {
+        "--job-name": "mnist1d",
+        "--nodes": "1",
+        "--ntasks-per-node": "1",
+        "--cpus-per-task": "2",  # 2 processes x (1 + data.num_workers=0)
+        "--time": "00:10:00",
+        "--output": f"{run_dir}/slurm/%x-%j.out",
+        "--open-mode": "append",
+        "--signal": "USR1@285",  # no B: the srun step gets it, not the batch shell
+        "--chdir": str(tmp_path),
+    })
     assert "--requeue" in opts
-    assert opts["--signal"] == "USR1@285"  # no B: the srun step gets it, not the batch shell
-    assert opts["--chdir"] == str(tmp_path)
     assert "--gres" not in opts and "--partition" not in opts and "--account" not in opts
     assert "export ACCELERATE_USE_CPU=true" in script
     assert "--multi_gpu --mixed_precision no --dynamo_backend no --num_machines 1 --num_processes 2" in script
@@ -102,11 +110,7 @@ def test_single_node_cpu_script(tmp_path, capsys):
 def test_multi_node_gpu_script(tmp_path, capsys):
     script = dry_run(["--recipe", RECIPE, "--nodes", "4", "--gpus_per_node", "8", "--time", "1-02:00:00",
                       "--output_dir", "run"], capsys)
-    opts = sbatch_options(script)
-    assert opts["--nodes"] == "4"
-    assert opts["--gres"] == "gpu:8"
-    assert opts["--cpus-per-task"] == "8"
-    assert opts["--time"] == "1-02:00:00"
+    assert_sbatch_options(script, {"--nodes": "4", "--gres": "gpu:8", "--cpus-per-task": "8", "--time": "1-02:00:00"})
     assert "ACCELERATE_USE_CPU" not in script
     assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
     assert "--num_machines 4 --num_processes 32" in script
@@ -129,13 +133,14 @@ def test_every_option(tmp_path, capsys):
         "--partition", "cpu,debug", "--account", "proj-1", "--job_name", "exp.7_a", "--accelerate_config",
         CPU_CONFIG, "--output_dir", "out/run", "--cpus_per_task", "6", "--max_requeues", "4",
         "--signal_seconds", "120"], capsys)
-    opts = sbatch_options(script)
-    assert opts["--partition"] == "cpu,debug"
-    assert opts["--account"] == "proj-1"
-    assert opts["--job-name"] == "exp.7_a"
-    assert opts["--cpus-per-task"] == "6"
-    assert opts["--signal"] == "USR1@120"
-    assert opts["--output"] == f"{tmp_path}/out/run/slurm/%x-%j.out"
+    assert_sbatch_options(script, {
+        "--partition": "cpu,debug",
+        "--account": "proj-1",
+        "--job-name": "exp.7_a",
+        "--cpus-per-task": "6",
+        "--signal": "USR1@120",
+        "--output": f"{tmp_path}/out/run/slurm/%x-%j.out",
+    })
     assert "MAX_REQUEUES=4\n" in script
     # With a config file the config picks DDP/FSDP/DeepSpeed: no --multi_gpu that would override it.
     assert f"--config_file {CPU_CONFIG} --num_machines 2 --num_processes 6" in script
@@ -333,34 +338,34 @@ def test_preempted_exit_requeues_until_the_limit(tmp_path, capsys, nodes):
 # ---------------------------------------------------------------------------------------------
 
 
+# Values refused for an option (the error names the option).
+BAD_OPTIONS = [
+    ("--gpus_per_node", "-1"), ("--job_name", "$(touch marker)"), ("--job_name", "a;b"),
+    ("--partition", "gpu;touch marker"), ("--account", "a b"), ("--cpus_per_task", "0"), ("--max_requeues", "-1"),
+    ("--signal_seconds", "600"),
+    ("--signal_seconds", "570"),  # the 30 s tick could reach the start
+    ("--accelerate_config", "nope.yaml"), ("--output_dir", "a#b"), ("--output_dir", "100%"),
+]
+# Training overrides (after a bare `--`) refused, and what the error names.
+BAD_OVERRIDES = [
+    ("--optim.lrr=0.1", "optim.lr"), ("--optim.lr=fast", "optim.lr"), ("optim.lr=0.1", "--section.key=value"),
+    ("--optim.lr", "no value"), ("--output_dir=elsewhere", "output_dir"),
+    ("--checkpoint.signal=SIGTERM", "checkpoint.signal"),
+]
+
+
 @pytest.mark.parametrize(("argv", "expected"), [
     (["render", *BASE[:-1], "1:00"], "--time"),
     (["render", *BASE[:-1], "00:61:00"], "--time"),
     (["render", *BASE[:-1], "00:00:00"], "longer than zero"),
     (["render", *BASE[:2], "--nodes", "0", *BASE[4:]], "--nodes"),
     (["render", *BASE[:2], "--nodes", "two", *BASE[4:]], "--nodes"),
-    (["render", *BASE, "--gpus_per_node", "-1"], "--gpus_per_node"),
-    (["render", *BASE, "--job_name", "$(touch marker)"], "--job_name"),
-    (["render", *BASE, "--job_name", "a;b"], "--job_name"),
-    (["render", *BASE, "--partition", "gpu;touch marker"], "--partition"),
-    (["render", *BASE, "--account", "a b"], "--account"),
-    (["render", *BASE, "--cpus_per_task", "0"], "--cpus_per_task"),
-    (["render", *BASE, "--max_requeues", "-1"], "--max_requeues"),
-    (["render", *BASE, "--signal_seconds", "600"], "--signal_seconds"),
-    (["render", *BASE, "--signal_seconds", "570"], "--signal_seconds"),  # the 30 s tick could reach the start
-    (["render", *BASE, "--accelerate_config", "nope.yaml"], "--accelerate_config"),
-    (["render", *BASE, "--output_dir", "a#b"], "--output_dir"),
-    (["render", *BASE, "--output_dir", "100%"], "--output_dir"),
+    *[(["render", *BASE, option, value], option) for option, value in BAD_OPTIONS],
     (["render", *BASE[:4], "--gpus_per_node", "2", "--num_processes", "2", *BASE[6:]], "--num_processes"),
     (["render", "--recipe", "missing.yaml", *BASE[2:]], "missing.yaml"),
     (["render", *BASE[:-2]], "--time"),
     (["render", *BASE, "--bogus", "1"], "--bogus"),
-    (["render", *BASE, "--", "--optim.lrr=0.1"], "optim.lr"),
-    (["render", *BASE, "--", "--optim.lr=fast"], "optim.lr"),
-    (["render", *BASE, "--", "optim.lr=0.1"], "--section.key=value"),
-    (["render", *BASE, "--", "--optim.lr"], "no value"),
-    (["render", *BASE, "--", "--output_dir=elsewhere"], "output_dir"),
-    (["render", *BASE, "--", "--checkpoint.signal=SIGTERM"], "checkpoint.signal"),
+    *[(["render", *BASE, "--", override], expected) for override, expected in BAD_OVERRIDES],
     (["submit", *BASE, "--", "--train.num_epochs=0"], "train.num_epochs"),
     (["deploy", *BASE], "deploy"),
 ])
