@@ -129,8 +129,9 @@ class InMemoryLoader:
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_()  # DataLoader's iterator draws its base seed here
         order = self.sampler.order(self.sampler.epoch)
-        batches = (self.collate_fn(self.dataset.__getitems__(order[i:i + self.batch_size].tolist()))
-                   for i in self._firsts())
+        if type(self.dataset).__getitems__ is not TensorBatchDataset.__getitems__:
+            order = order.tolist()  # other datasets get the list of ints a DataLoader passes; ours takes the tensor
+        batches = (self.collate_fn(self.dataset.__getitems__(order[i:i + self.batch_size])) for i in self._firsts())
         current = next(batches, _END)
         while current is not _END:
             following = next(batches, _END)  # read one ahead before yielding, as Accelerate's loader does

@@ -310,7 +310,7 @@ class Trainer:
         gn = grad_norm.detach().float() if isinstance(grad_norm, torch.Tensor) else torch.tensor(
             math.nan if grad_norm is None else float(grad_norm), device=loss.device)
         self._pending.append((self.state.step, epoch_frac, self._last_lrs, loss.detach().float(), gn))
-        self._last_lrs = self.scheduler.get_last_lr()
+        self._last_lrs = [g["lr"] for g in self.optimizer.param_groups]  # what the scheduler set for the next step
 
     def _flush(self) -> None:
         """One host sync (and one all-reduce) for all steps since the last flush."""
@@ -468,7 +468,7 @@ class Trainer:
 
 
 class StepOps:
-    """backward / clip / step / zero_grad of one optimizer step, through Accelerate or straight to torch.
+    """accumulate / backward / clip / step / zero_grad of one step, through Accelerate or straight to torch.
 
     Where Accelerate's wrappers would only add cost (no gradient scaler, no DeepSpeed / FSDP / XLA,
     a plain AcceleratedOptimizer), call torch directly: `AcceleratedOptimizer.step` looks for the
