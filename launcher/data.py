@@ -140,3 +140,45 @@ class InMemoryLoader:
 
 
 _END = object()
+
+
+def in_memory_ok(accelerator, dataset, num_workers: int) -> bool:
+    """Can `InMemoryLoader` stand in for the prepared training DataLoader (CPU, DDP or one process)?"""
+    from accelerate.utils import DistributedType
+
+    return (num_workers == 0 and callable(getattr(dataset, "__getitems__", None))
+            and accelerator.device.type == "cpu"
+            and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                 DistributedType.MULTI_GPU))
+
+
+def build_loaders(task, train_cfg, data_cfg, sampler: EpochSampler, accelerator):
+    """(train, val) loaders of a task, as the trainer and the LR finder use them.
+
+    The training loader is an `InMemoryLoader` where that yields the same batches as Accelerate's
+    prepared DataLoader (small in-memory data on CPU), else a DataLoader for `accelerator.prepare`.
+    """
+    from torch.utils.data import DataLoader
+
+    common = dict(num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
+                  collate_fn=task.collate_fn, persistent_workers=data_cfg.num_workers > 0)
+    if in_memory_ok(accelerator, task.train_set, data_cfg.num_workers):
+        train = InMemoryLoader(task.train_set, sampler, train_cfg.batch_size, accelerator.process_index,
+                               accelerator.num_processes, task.collate_fn)
+    else:
+        train = DataLoader(task.train_set, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
+                           **common)
+    val = DataLoader(task.val_set, batch_size=data_cfg.val_batch_size or 4 * train_cfg.batch_size, shuffle=False,
+                     **common)
+    return train, val
+
+
+def cast_floats(value, dtype: torch.dtype):
+    """Floating-point inputs in `dtype` (DeepSpeed runs the model in fp16/bf16 without autocast)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    return value

@@ -262,27 +262,13 @@ def _agree_output_dir(accelerator, name: str, output_dir: str | None) -> str:
     return path
 
 
-def _cast_floats(value: Any, dtype):
-    """Floating-point inputs in `dtype` (DeepSpeed runs the model in fp16/bf16 without autocast)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_cast_floats(v, dtype) for v in value)
-    return value
-
-
 def range_test(cfg, accelerator, start_lr: float, end_lr: float, num_steps: int, beta: float,
                diverge_factor: float, log=print) -> dict[str, Any]:
     """Train a fresh model of `cfg` with an exponentially growing LR; the curve, identical on all ranks."""
     import torch
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
 
-    from launcher.data import EpochSampler
+    from launcher.data import EpochSampler, build_loaders, cast_floats
     from launcher.distributed import engine_input_dtype
     from launcher.optim import build_optimizer
     from launcher.plan import make_plan
@@ -298,10 +284,7 @@ def range_test(cfg, accelerator, start_lr: float, end_lr: float, num_steps: int,
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, start_lr, accelerator.device.type)
     sampler = EpochSampler(len(task.train_set), plan.global_batch, cfg.train.seed)
-    d = cfg.data
-    loader = DataLoader(task.train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=d.num_workers, pin_memory=d.pin_memory and torch.cuda.is_available(),
-                        collate_fn=task.collate_fn, persistent_workers=d.num_workers > 0)
+    loader, _ = build_loaders(task, cfg.train, cfg.data, sampler, accelerator)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -329,7 +312,7 @@ def range_test(cfg, accelerator, start_lr: float, end_lr: float, num_steps: int,
                 group["lr"] = lr
             inputs, targets = task.split(batch)
             if input_dtype is not None:
-                inputs = _cast_floats(inputs, input_dtype)
+                inputs = cast_floats(inputs, input_dtype)
             with accelerator.accumulate(model):
                 loss = task.loss(model(inputs), targets)
                 accelerator.backward(loss)

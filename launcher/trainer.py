@@ -29,7 +29,7 @@ import torch
 
 from launcher.checkpoint import Checkpointer, compat_values
 from launcher.config import Config, to_dict, to_yaml
-from launcher.data import EpochSampler, InMemoryLoader
+from launcher.data import EpochSampler, build_loaders, cast_floats
 from launcher.distributed import describe_device, describe_engine, engine_input_dtype, make_accelerator
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
@@ -117,26 +117,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _loaders(self):
-        from torch.utils.data import DataLoader
-
-        t, d = self.cfg.train, self.cfg.data
-        acc = self.accelerator
-        common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory and torch.cuda.is_available(),
-                      collate_fn=self.task.collate_fn, persistent_workers=d.num_workers > 0)
-        if _in_memory_ok(acc, self.task.train_set, d.num_workers):  # the same batches, without DataLoader's cost
-            train = InMemoryLoader(self.task.train_set, self.sampler, t.batch_size, acc.process_index,
-                                   acc.num_processes, self.task.collate_fn)
-        else:
-            train = DataLoader(self.task.train_set, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
-                               **common)
-        val = DataLoader(self.task.val_set, batch_size=d.val_batch_size or 4 * t.batch_size, shuffle=False, **common)
-        return train, val
+        return build_loaders(self.task, self.cfg.train, self.cfg.data, self.sampler, self.accelerator)
 
     def _split(self, batch):
         """(inputs, targets); floating inputs cast to the model's dtype when DeepSpeed runs it in fp16/bf16."""
         inputs, targets = self.task.split(batch)
         if self._input_dtype is not None:
-            inputs = _cast_floats(inputs, self._input_dtype)
+            inputs = cast_floats(inputs, self._input_dtype)
         return inputs, targets
 
     def log_start(self) -> None:
@@ -514,26 +501,6 @@ class StepOps:
 
     def zero_grad(self) -> None:
         (self.torch_optimizer or self.optimizer).zero_grad(set_to_none=True)
-
-
-def _in_memory_ok(accelerator, dataset, num_workers: int) -> bool:
-    """Can `InMemoryLoader` stand in for the prepared training DataLoader (CPU, DDP or one process)?"""
-    from accelerate.utils import DistributedType
-
-    return (num_workers == 0 and callable(getattr(dataset, "__getitems__", None))
-            and accelerator.device.type == "cpu"
-            and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                                 DistributedType.MULTI_GPU))
-
-
-def _cast_floats(value, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_cast_floats(v, dtype) for v in value)
-    return value
 
 
 def _num_machines() -> int:
