@@ -434,8 +434,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as work:
         results = compare(workloads, [int(n) for n in a.nprocs.split(",")], a.reps, a.mode, Path(work),
                           [w for w in a.ablate.split(",") if w])
-    command = "python bench/overhead.py " + " ".join(argv) if argv else "python bench/overhead.py"
-    text = markdown(results, command.strip())
+    shown, skip = [], False
+    for arg in argv:  # the command as a reader would rerun it: without the output files
+        if skip or arg.startswith(("--json=", "--markdown=")):
+            skip = False
+            continue
+        skip = arg in ("--json", "--markdown")
+        if not skip:
+            shown.append(arg)
+    command = " ".join(["python bench/overhead.py", *shown])
+    text = markdown(results, command)
     print("\n" + text)
     if a.json:
         with open(a.json, "w") as f:
