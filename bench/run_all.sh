@@ -19,7 +19,7 @@ load_before=$(cut -d' ' -f1 /proc/loadavg)
 started=$(date +%s)
 (while sleep 10; do cut -d' ' -f1 /proc/loadavg; done > "$work/load.txt") &
 sampler=$!
-trap 'kill "$sampler" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill "$sampler" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 python bench/startup.py --markdown "$work/1-startup.md"
 python bench/overhead.py --markdown "$work/2-overhead.md"
