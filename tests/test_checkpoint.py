@@ -241,7 +241,7 @@ def test_checkpoint_contents_load_weights_only(run_dir):
     assert state["summary"]["best"]
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["world_size"] == 1 and meta["reason"] == "epoch" and "val/loss" in meta["metrics"]
-    assert meta["compat"]["optim.lr"] == 0.005 and meta["compat"]["task.model"] == "mlp"
+    assert meta["compat"]["optim.lr"] == 0.02 and meta["compat"]["task.model"] == "mlp"
     assert meta["param_shapes"] == {k: list(v.shape) for k, v in weights.items()}
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
@@ -262,7 +262,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 def test_resume_with_changed_recipe_values_is_refused_and_writes_nothing(run_dir):
     before = snapshot(run_dir)
     result = train(*RUN_ARGS, "--optim.lr=0.01", "--output_dir", str(run_dir), "--resume", "auto")
-    assert_usage_error(result, "optim.lr 0.005 -> 0.01", "config.yaml")
+    assert_usage_error(result, "optim.lr 0.02 -> 0.01", "config.yaml")
     assert snapshot(run_dir) == before
 
 

@@ -208,7 +208,7 @@ def run_preview(*args: str) -> subprocess.CompletedProcess:
 def test_preview_cli_table_json_and_plot(tmp_path):
     r = run_preview("--recipe", "recipes/mnist1d.yaml", "--steps_per_epoch", "10", "--num_epochs", "5")
     assert r.returncode == 0, r.stderr
-    assert "Epoch 1: 0.005 (warmup)" in r.stdout
+    assert "Epoch 1: 0.02 (warmup)" in r.stdout
     assert "plateau" in r.stdout and "not in this preview" in r.stdout
     plot = tmp_path / "lr.png"
     r = run_preview("--recipe", "recipes/mnist1d.yaml", "--steps_per_epoch", "10", "--num_epochs", "5", "--json",

@@ -68,7 +68,7 @@ def test_training_logs_every_lr_to_wandb_offline_and_never_the_key(offline_env, 
     assert [(r["step"], r["val/accuracy"]) for r in run.rows if "val/accuracy" in r] == [
         (r["step"], r["val/accuracy"]) for r in local_val]
 
-    assert run.config["optim.lr"] == 5e-3 and run.config["train.num_epochs"] == 2
+    assert run.config["optim.lr"] == 2e-2 and run.config["train.num_epochs"] == 2
     assert run.config["tracking.wandb.group"] == "g1"
     assert run.config["plan.total_steps"] == plan["total_steps"]
     assert run.summary["best/val/accuracy"] == pytest.approx(summary["best"]["val/accuracy"]["value"])
