@@ -109,7 +109,6 @@ class Trainer:
                                truncate_after_step=self.state.step if resume is not None else None) \
             if self.is_main else NullTracker()
         self._pending: list[tuple[int, float, list[float], torch.Tensor, torch.Tensor]] = []
-        self._bar = None
         self._micro_losses: list[torch.Tensor] = []
         self._last_lrs = self.scheduler.get_last_lr()
         self._input_dtype = engine_input_dtype(acc)
