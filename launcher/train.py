@@ -43,7 +43,7 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         if os.path.basename(parent) == "checkpoints":
             output_dir = os.path.dirname(parent)
 
-    from launcher.distributed import make_accelerator
+    from launcher.distributed import make_accelerator, shutdown
 
     accelerator = make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
     run_dir, created = None, None
@@ -55,7 +55,7 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
     except BaseException:
         if created and accelerator.is_main_process:
             shutil.rmtree(created, ignore_errors=True)  # a run that never started leaves nothing behind
-        _shutdown(accelerator)
+        shutdown(accelerator)
         raise
     try:
         summary = trainer.train()
@@ -109,17 +109,6 @@ def _first_missing(path: str) -> str | None:
             break
         path = parent
     return missing
-
-
-def _shutdown(accelerator) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def _print_result(summary: dict, run_dir: str) -> None:

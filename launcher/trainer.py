@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -30,7 +29,13 @@ import torch
 from launcher.checkpoint import Checkpointer, compat_values
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import EpochSampler, build_loaders, cast_floats
-from launcher.distributed import describe_device, describe_engine, engine_input_dtype, make_accelerator
+from launcher.distributed import (
+    describe_device,
+    describe_engine,
+    engine_input_dtype,
+    make_accelerator,
+    shutdown,
+)
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.preemption import Faults, Preemption, StepGuard, Verdict
@@ -440,10 +445,7 @@ class Trainer:
         self.tracker.close()
         self.accelerator.wait_for_everyone()  # no rank tears down the group while another still logs
         self.accelerator.free_memory()
-        gc.collect()
-        self.accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown(self.accelerator)
         # Last: a requeue hook may end this job. Then ignore further signals: interpreter shutdown
         # restores the default handlers, and a SIGTERM (repeated by Slurm, or sent by torch elastic
         # once another rank has exited non-zero) would turn exit status 124 or 3 into a kill.
