@@ -192,13 +192,14 @@ class Checkpointer:
     """Saves and loads `step_N` checkpoints; every rank must call `save`, `resolve` and `load` together."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: str, accelerator, model: torch.nn.Module,
-                 compat: dict[str, Any], faults=None):
+                 compat: dict[str, Any], on_save=None):
         self.cfg = cfg
         self.dir = os.path.join(run_dir, CHECKPOINTS)
         self.accelerator = accelerator
         self.model = model
         self.compat = compat
-        self.faults = faults
+        self.on_save = on_save
+        """Called on the main process as `on_save(step, tmp_path)` while a checkpoint is half written."""
         self.last_saved: str | None = None
         self._warned_metric = False
 
@@ -240,8 +241,8 @@ class Checkpointer:
                 "format_version": FORMAT_VERSION, "step": step, "epoch": epoch, "reason": reason,
                 "metrics": metrics or {}, "world_size": acc.num_processes, "compat": self.compat,
                 "param_shapes": param_shapes(self.model)})
-        if self.faults is not None and self.is_main:
-            self.faults.in_save(step)
+        if self.on_save is not None and self.is_main:
+            self.on_save(step, tmp)
         # The manifest may list the files only once every rank has finished writing its own.
         acc.wait_for_everyone()
         if self.is_main:

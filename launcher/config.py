@@ -96,7 +96,8 @@ class OptimConfig:
     reference_batch_size: int = 0
     """The global batch `lr` was tuned for; required when lr_scaling is not `none`."""
     fused: bool = True
-    """Use the fused AdamW/Adam kernel where the device supports it (CUDA)."""
+    """Use the fused AdamW/Adam/SGD kernel (CPU, CUDA): it also skips a non-finite update on the device,
+    without a host sync (launcher.nonfinite). false: the foreach kernel and one host read per step."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "name", ("adamw", "adam", "sgd"))
@@ -201,6 +202,12 @@ class TrainConfig:
     """`auto` (a bar when stderr is a terminal, else a line per epoch), `on` or `off`."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU (model FLOPs utilisation); 0 = known GPUs' bf16 peak, else no MFU."""
+    log_every_n_steps: int = 25
+    """Read the step rows back (one host sync, one all-reduce) every N optimizer steps. Non-finite
+    stops and a preemption signal under several processes are acted on at these reads (and before
+    each checkpoint), so within N steps; metrics.jsonl still gets one row per step."""
+    hooks: list[str] = field(default_factory=list)
+    """Extra hooks, `package.module:name` each (launcher.hooks); $LAUNCHER_HOOKS adds more."""
 
     def __post_init__(self) -> None:
         _require(self.num_epochs >= 1, "num_epochs", f"must be >= 1; got {self.num_epochs}")
@@ -214,6 +221,7 @@ class TrainConfig:
         _require(self.max_nonfinite_skips >= 1, "max_nonfinite_skips", f"must be >= 1; got {self.max_nonfinite_skips}")
         _choice(self.progress_bar, "progress_bar", ("auto", "on", "off"))
         _require(self.peak_tflops >= 0, "peak_tflops", f"must be >= 0 (0 = auto); got {self.peak_tflops}")
+        _require(self.log_every_n_steps >= 1, "log_every_n_steps", f"must be >= 1; got {self.log_every_n_steps}")
 
 
 @dataclass(frozen=True)

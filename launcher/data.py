@@ -168,9 +168,40 @@ def build_loaders(task, train_cfg, data_cfg, sampler: EpochSampler, accelerator)
     else:
         train = DataLoader(task.train_set, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
                            **common)
-    val = DataLoader(task.val_set, batch_size=data_cfg.val_batch_size or 4 * train_cfg.batch_size, shuffle=False,
-                     **common)
+    val = EvalLoader(task.val_set, data_cfg.val_batch_size or 4 * train_cfg.batch_size, accelerator, **common)
     return train, val
+
+
+class EvalLoader:
+    """This process's share of the validation set, as `(batch, num_valid)` on the device.
+
+    Process r of n takes samples r, r + n, r + 2n, ... and pads its share to ceil(N / n) samples by
+    wrapping around, so every process runs the same number of forward passes (FSDP and ZeRO-3 gather
+    parameters in each). The real samples come first: `num_valid` says how many of a batch count,
+    so per-rank sums of per-sample metrics over them, added across ranks in one all-reduce, are the
+    exact sums over the validation set (no gather per batch, nothing counted twice).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, accelerator, **loader_kwargs):
+        from torch.utils.data import DataLoader
+
+        n, world, rank = len(dataset), accelerator.num_processes, accelerator.process_index
+        share = -(-n // world)
+        self.num_samples = n
+        self.valid = len(range(rank, n, world))
+        self.batch_size = batch_size
+        self.device = accelerator.device
+        indices = [(rank + world * j) % n for j in range(share)] if n else []
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, shuffle=False, **loader_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from accelerate.utils import send_to_device
+
+        for b, batch in enumerate(self.loader):
+            yield send_to_device(batch, self.device), max(0, self.valid - b * self.batch_size)
 
 
 def cast_floats(value, dtype: torch.dtype):

@@ -7,6 +7,9 @@ from torch import nn
 
 from launcher.config import OptimConfig
 
+FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
+"""Devices with fused Adam/AdamW/SGD kernels in torch >= 2.4."""
+
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 
 
@@ -37,9 +40,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, base_lr: float, device_t
     groups = param_groups(model, cfg)
     for g in groups:
         g["lr"] = base_lr
-    fused = cfg.fused and device_type == "cuda"
+    # The fused kernels also skip a non-finite update on the device (launcher.nonfinite).
+    fused = cfg.fused and device_type in FUSED_DEVICES
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=base_lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=base_lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
-    return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum)
+    return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, fused=fused or None)

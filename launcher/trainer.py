@@ -9,7 +9,14 @@ Parts, declared up front in `Trainer.__init__`:
   tracker      launcher.tracking     metrics.jsonl (+ W&B / TensorBoard) on the main process
   summary      launcher.tracking     best / final values, time to accuracy targets
   checkpoints  launcher.checkpoint   atomic step_N folders, resume, rotation
-  guard        launcher.preemption   per-step agreement of all ranks: non-finite loss, preemption signals
+  guard        launcher.nonfinite    non-finite updates skipped on the device, stops decided at the flush
+  preemption   launcher.preemption   signal flag, agreed by all ranks at the flush
+  hooks        launcher.hooks        progress bar and your own code at named points
+
+The hot path makes no host read and no collective of its own: step values stay on the device and
+are read back in bulk every `train.log_every_n_steps` steps, before each checkpoint and at epoch
+ends (`_sync`: one all-reduce and one read, which also carries the preemption flag), and each
+evaluation costs one all-reduce.
 """
 
 from __future__ import annotations
@@ -33,18 +40,19 @@ from launcher.distributed import (
     describe_device,
     describe_engine,
     engine_input_dtype,
+    is_deepspeed,
     make_accelerator,
     shutdown,
 )
+from launcher.hooks import Hooks, load_hooks
+from launcher.nonfinite import Event, NonFiniteGuard
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
-from launcher.preemption import Faults, Preemption, StepGuard, Verdict
+from launcher.preemption import Preemption
+from launcher.progress import ProgressBar
 from launcher.schedule import LRScheduler
 from launcher.tasks import build_task
 from launcher.tracking import NullTracker, RunSummary, Tracker
-
-LOG_EVERY_N_STEPS = 25
-"""Host syncs for logging happen once per this many steps (and at epoch ends), not every step."""
 
 
 @dataclass
@@ -67,7 +75,8 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None):
+    def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None,
+                 hooks: list | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.accelerator = accelerator or make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
@@ -90,25 +99,28 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(model, cfg.optim, self.plan.base_lr, acc.device.type)
         self.sampler = EpochSampler(len(self.task.train_set), self.plan.global_batch, cfg.train.seed)
-        train_loader, val_loader = self._loaders()
+        train_loader, self.val_loader = build_loaders(self.task, cfg.train, cfg.data, self.sampler, acc)
         # The scheduler is NOT passed to prepare(): Accelerate would step it once per process.
-        self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
-            model, self.optimizer, train_loader, val_loader)
+        self.model, self.optimizer, self.train_loader = acc.prepare(model, self.optimizer, train_loader)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.scheduler = LRScheduler(self.optimizer, cfg.schedule, [g["lr"] for g in self.optimizer.param_groups],
                                      self.plan.warmup_steps, self.plan.steps_per_epoch, self.plan.total_steps)
         self.state = TrainState()
         self.summary = RunSummary(cfg.tracking)
+        self.progress = ProgressBar(cfg.train.progress_bar, self.is_main)
+        self.hooks = Hooks([self.progress, *load_hooks(cfg.train.hooks), *(hooks or [])])
         self.preemption = Preemption(cfg.checkpoint.signal)
         self.preemption.install()
-        self.faults = Faults.from_env(acc.process_index)
-        self.guard = StepGuard(acc, cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, self.preemption)
+        self._ops = StepOps(acc, self.optimizer, self.model, cfg.train.grad_accum_steps, cfg.optim.clip_grad_norm)
+        self.guard = NonFiniteGuard(
+            cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, acc.device,
+            torch_optimizer=None if is_deepspeed(acc) else getattr(self.optimizer, "optimizer", self.optimizer),
+            scaler=getattr(acc, "scaler", None) is not None)
         self.checkpoints = Checkpointer(cfg.checkpoint, run_dir, acc, self.model,
-                                        compat_values(cfg, len(self.task.train_set)), self.faults)
+                                        compat_values(cfg, len(self.task.train_set)),
+                                        on_save=lambda step, path: self.hooks.on_save(self, step, path))
         self.resumed_from: str | None = None
-        self._preempt_checkpoint: str | None = None
-        self._bar = None
         resumed_run_id = self._resume(resume) if resume is not None else None
         self.tracker = Tracker(run_dir, cfg.tracking, os.path.basename(run_dir), resume_run_id=resumed_run_id,
                                truncate_after_step=self.state.step if resume is not None else None) \
@@ -117,12 +129,12 @@ class Trainer:
         self._micro_losses: list[torch.Tensor] = []
         self._last_lrs = self.scheduler.get_last_lr()
         self._input_dtype = engine_input_dtype(acc)
-        self._ops = StepOps(acc, self.optimizer, self.model, cfg.train.grad_accum_steps, cfg.optim.clip_grad_norm)
+        self._single = acc.num_processes == 1
+        self._loss_hooks = self.hooks.has("on_loss")
+        self._eval_preempt = False
+        self._start = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------
-    def _loaders(self):
-        return build_loaders(self.task, self.cfg.train, self.cfg.data, self.sampler, self.accelerator)
-
     def _split(self, batch):
         """(inputs, targets); floating inputs cast to the model's dtype when DeepSpeed runs it in fp16/bf16."""
         inputs, targets = self.task.split(batch)
@@ -144,109 +156,115 @@ class Trainer:
         self.tracker.log_config(to_dict(self.cfg), self.plan.to_dict())
 
     def print(self, message: str) -> None:
-        if not self.is_main:
-            return
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
+        if self.is_main and not self.progress.write(message):
             print(message, flush=True)
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         self.log_start()
-        start = time.perf_counter() - self.state.elapsed
-        plan = self.plan
-        while self.state.status == "running" and self.state.epoch < plan.num_epochs \
-                and self.state.step < plan.total_steps:
-            epoch = self.state.epoch
-            if hasattr(self.train_loader, "set_epoch"):
-                self.train_loader.set_epoch(epoch)  # Accelerate re-sets the sampler's epoch from this
-            self.sampler.set_epoch(epoch, self.state.step_in_epoch)
-            self.model.train()
-            self._open_bar(epoch)
-            epoch_start = time.perf_counter()
-            for batch in self.train_loader:
-                loss, grad_norm, verdict = self.train_step(batch)
-                if verdict is None:
-                    continue
-                self.state.step += 1
-                self.state.step_in_epoch += 1
-                self._record(loss, grad_norm)
-                if self.state.step % LOG_EVERY_N_STEPS == 0:
-                    self._flush()
-                self.state.elapsed = time.perf_counter() - start
-                if self.after_step(verdict) or self.state.step >= plan.total_steps:
-                    break
-            if self.state.status != "running":
-                break
-            self._flush()
-            self.state.epoch += 1
-            self.state.step_in_epoch = 0
-            self.state.elapsed = time.perf_counter() - start
-            metrics = self.evaluate() if self._eval_due() else {}
-            self.end_epoch(metrics, time.perf_counter() - epoch_start)
-            self.state.elapsed = time.perf_counter() - start
-            self.after_epoch(metrics)
+        self._start = time.perf_counter() - self.state.elapsed
+        self.hooks.on_train_start(self)
+        while self._running():
+            self.run_epoch()
         if self.state.status == "running":
             self.state.status = "completed"
         return self.finish()
 
-    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, Verdict | None]:
-        """One micro-batch; returns (loss, grad norm, verdict), the verdict None until an optimizer step completes.
+    def _running(self) -> bool:
+        s, plan = self.state, self.plan
+        return s.status == "running" and s.epoch < plan.num_epochs and s.step < plan.total_steps
 
-        The guard's verdict (one small all-reduce) comes before `optimizer.step()`: a non-finite step
-        is skipped on every rank (gradients dropped, scheduler not stepped).
+    def _tick(self) -> None:
+        self.state.elapsed = time.perf_counter() - self._start
+
+    def run_epoch(self) -> None:
+        s = self.state
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(s.epoch)  # Accelerate re-sets the sampler's epoch from this
+        self.sampler.set_epoch(s.epoch, s.step_in_epoch)
+        self.model.train()
+        self._last_lrs = self.scheduler.get_last_lr()  # the plateau step may have changed them
+        self.hooks.on_epoch_start(self)
+        epoch_start = time.perf_counter()
+        for batch in self.train_loader:
+            if self.train_step(batch) and self.after_step():
+                break
+        if s.status != "running" or self._sync():  # the epoch's last rows; a stop or preemption ends here
+            return
+        s.epoch += 1
+        s.step_in_epoch = 0
+        self._tick()
+        metrics = self.evaluate() if self._eval_due() else {}
+        self.end_epoch(metrics, time.perf_counter() - epoch_start)
+        self.after_epoch(metrics)
+
+    def train_step(self, batch) -> bool:
+        """One micro-batch; True when it completed an optimizer step. No host read, no collective.
+
+        A non-finite update is skipped on the device (launcher.nonfinite). The scheduler advances on
+        every optimizer step, skipped or not: `state.step` is the one step counter, the LR of step k
+        is the schedule's LR of step k, and the data position follows it (docs/checkpoints.md).
         """
-        acc = self.accelerator
         inputs, targets = self._split(batch)
         with self._ops.accumulate():
-            loss = self.faults.corrupt_loss(self.task.loss(self.model(inputs), targets), self.state.step + 1)
+            loss = self.task.loss(self.model(inputs), targets)
+            if self._loss_hooks:
+                loss = self.hooks.on_loss(self, loss, self.state.step + 1)
             self._ops.backward(loss)
             self._micro_losses.append(loss.detach())
-            if not acc.sync_gradients:  # optimizer.step() would be a no-op until the last micro-batch
-                return loss, None, None
+            if not self.accelerator.sync_gradients:  # optimizer.step() would be a no-op until the last micro-batch
+                return False
             losses, self._micro_losses = self._micro_losses, []
             step_loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
             grad_norm = self._ops.clip_grad_norm()
-            verdict = self.guard.check(step_loss, grad_norm)
-            if not verdict.nonfinite_ranks:
+            if self.guard.before_step(grad_norm):
                 self._ops.optimizer_step()
             self._ops.zero_grad()
-        if not verdict.nonfinite_ranks and not acc.optimizer_step_was_skipped:
-            self.scheduler.step()
-        return step_loss, grad_norm, verdict
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.step_in_epoch += 1
+        self._record(step_loss, grad_norm)
+        return True
 
     # ------------------------------------------------------------------------------------------
-    def after_step(self, verdict: Verdict) -> bool:
-        """Every rank, with the same verdict: faults (tests), non-finite, preemption, step checkpoints.
-
-        Returns True when training stops here.
-        """
+    def after_step(self) -> bool:
+        """Every rank, after each optimizer step: signals, hooks, flushes, step checkpoints. True: stop the epoch."""
         s = self.state
-        self.faults.after_step(s.step, self.run_dir, self.preemption)
-        if verdict.nonfinite_ranks:
-            self._report_nonfinite(verdict)
-            if verdict.stop:
-                self._flush()
-                s.status = "nonfinite"
-                return True
-        if verdict.preempt:
-            self._preempt()
+        if self._single and self.preemption.requested:  # one process: act at the step in flight
+            return self._sync(preempt=True)
+        self.hooks.after_step(self)
+        self._tick()
+        due = self.checkpoints.due(s.step, s.step_in_epoch, self.plan.steps_per_epoch, self.plan.total_steps)
+        if (due or s.step % self.cfg.train.log_every_n_steps == 0) and self._sync():
             return True
-        if self.checkpoints.due(s.step, s.step_in_epoch, self.plan.steps_per_epoch, self.plan.total_steps):
+        if due:
             self.save_checkpoint()
-        return False
+        return s.step >= self.plan.total_steps
 
     def after_epoch(self, metrics: dict[str, float]) -> None:
         """After evaluation and the plateau step: the epoch's checkpoint, then any pending preemption."""
         path = self.save_checkpoint(metrics, reason="epoch") if self.cfg.checkpoint.enabled else None
-        more = self.state.epoch < self.plan.num_epochs and self.state.step < self.plan.total_steps
-        if more and self.guard.agree_preempt():
+        requested = self._eval_preempt or (self._single and self.preemption.requested)
+        if requested and self._running():
             self._preempt(saved=path)
 
+    def _sync(self, preempt: bool = False) -> bool:
+        """Read the rows back and agree on preemption (all ranks); True when training stops here.
+
+        One process decides on preemption at the top of `after_step` (`preempt`), so a signal that
+        arrives during a step is acted on right after that step, whichever flush comes first.
+        """
+        agreed, stop = self._flush()
+        if stop is not None:
+            self.state.status = "nonfinite"
+            return True
+        if preempt or agreed:
+            self._preempt()
+            return True
+        return False
+
     def save_checkpoint(self, metrics: dict[str, float] | None = None, reason: str = "step") -> str:
-        """Every rank: flush the metric rows the checkpoint covers (an all-reduce), then write step_N."""
-        self._flush()
+        """Every rank, right after a `_sync` (so the rows the checkpoint covers are on disk): write step_N."""
         s = self.state
         state = {"train_state": s.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "summary": self.summary.state_dict(), "run_id": self.tracker.run_id}
@@ -273,56 +291,85 @@ class Trainer:
         if saved is None and self.cfg.checkpoint.enabled:
             saved = self.save_checkpoint(reason="preempt")
         self.state.status = "preempted"
-        self._preempt_checkpoint = saved
         what = f"checkpoint {saved} saved; resume with --resume auto" if saved else \
             "nothing saved (checkpoint.enabled is false)"
         self.print(f"preempted ({self.preemption.received or 'signal to another process'}) at step "
                    f"{self.state.step}: {what}")
 
-    def _report_nonfinite(self, v: Verdict) -> None:
+    def _report_nonfinite(self, e: Event) -> None:
         t = self.cfg.train
         n = self.accelerator.num_processes
-        what = (f"step {self.state.step}: non-finite loss on {v.nonfinite_loss_ranks} of {n} process(es)"
-                if v.nonfinite_loss_ranks else f"step {self.state.step}: non-finite gradients")
-        if not v.stop:
-            message = f"warning: {what}: step skipped ({v.consecutive_skips} in a row; stop at {t.max_nonfinite_skips})"
+        what = (f"step {e.step}: non-finite loss on {e.loss_ranks} of {n} process(es)"
+                if e.loss_ranks else f"step {e.step}: non-finite gradients")
+        if not e.stop:
+            message = f"warning: {what}: step skipped ({e.consecutive} in a row; stop at {t.max_nonfinite_skips})"
         else:
             why, fix = ("train.on_nonfinite=stop", " (or --train.on_nonfinite=skip)") if t.on_nonfinite == "stop" \
-                else (f"{v.consecutive_skips} consecutive skips = train.max_nonfinite_skips", "")
+                else (f"{e.consecutive} consecutive skips = train.max_nonfinite_skips", "")
             message = (f"error: {what}: stopping ({why}); the weights were not updated and the last checkpoint "
                        f"({self.checkpoints.last_saved or 'none'}) is intact; lower optim.lr or set "
                        f"optim.clip_grad_norm{fix}, then --resume auto")
         if self.is_main:
             print(message, file=sys.stderr, flush=True)
 
+    # ------------------------------------------------------------------------------------------
     def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """Keep the step's values on the device; they are read back in bulk by `_flush`."""
+        """Keep the step's values on the device; `_flush` reads them back in bulk."""
         epoch_frac = self.state.epoch + self.state.step_in_epoch / self.plan.steps_per_epoch
-        gn = grad_norm.detach().float() if isinstance(grad_norm, torch.Tensor) else torch.tensor(
-            math.nan if grad_norm is None else float(grad_norm), device=loss.device)
-        self._pending.append((self.state.step, epoch_frac, self._last_lrs, loss.detach().float(), gn))
+        if isinstance(grad_norm, torch.Tensor):
+            gn = grad_norm.detach().float().reshape(())
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP2 returns a DTensor
+        else:
+            gn = torch.full((), math.nan if grad_norm is None else float(grad_norm), device=loss.device)
+        self._pending.append((self.state.step, epoch_frac, self._last_lrs, loss.detach().float().reshape(()), gn))
         self._last_lrs = [g["lr"] for g in self.optimizer.param_groups]  # what the scheduler set for the next step
 
-    def _flush(self) -> None:
-        """One host sync (and one all-reduce) for all steps since the last flush."""
-        if not self._pending:
+    def _flush(self) -> tuple[bool, Event | None]:
+        """One all-reduce and one host read for every step since the last flush, plus the preemption flag.
+
+        Returns (preempt agreed, the non-finite stop event if the policy stops in these steps).
+        """
+        pending, self._pending = self._pending, []
+        n = self.accelerator.num_processes
+        requested = float(self.preemption.requested and n > 1)
+        if not pending and n == 1:
             self.tracker.flush()
-            return
-        losses = torch.stack([p[3] for p in self._pending])
-        losses = self.accelerator.reduce(losses, reduction="mean")
-        norms = torch.stack([p[4] for p in self._pending]).tolist()
-        for (step, epoch, lrs, _, _), loss, norm in zip(self._pending, losses.tolist(), norms):
+            return False, None
+        device = self.accelerator.device
+        p = len(pending)
+        if pending:
+            losses = torch.stack([row[3] for row in pending])
+            packed = torch.cat([losses, torch.isfinite(losses).logical_not_().float(),
+                                torch.full((1,), requested, device=device)])
+        else:
+            packed = torch.full((1,), requested, device=device)
+        if n > 1:
+            torch.distributed.all_reduce(packed)
+            packed[:p] /= n  # the mean loss over ranks, in float32 as each rank computed it
+        if pending:
+            packed = torch.cat([packed, torch.stack([row[4].to(device) for row in pending])])
+        values = packed.tolist()  # the host read
+        mean_losses, loss_bad, preempt, norms = values[:p], values[p:2 * p], values[2 * p] > 0, values[2 * p + 1:]
+        events = self.guard.decide([row[0] for row in pending], loss_bad, norms)
+        stop = events[-1] if events and events[-1].stop else None
+        rows = []
+        for (step, epoch, lrs, _, _), loss, norm in zip(pending, mean_losses, norms):
+            if stop is not None and step > stop.step:
+                break  # the weights froze at the stop (launcher.nonfinite): these steps did not happen
             row = {"step": step, "epoch": round(epoch, 6), "lr": lrs[0], "train/loss": loss, "train/grad_norm": norm}
             if len(lrs) > 1:
                 row.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
             self.tracker.log(row)
-        last_loss = losses[-1].item()
-        self._pending.clear()
+            rows.append(row)
+        for event in events:
+            self._report_nonfinite(event)
+        if stop is not None:
+            undone = self.state.step - stop.step
+            self.state.step -= undone
+            self.state.step_in_epoch -= undone
         self.tracker.flush()
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{self._last_lrs[0]:.2e}", refresh=False)
-            self._bar.n = self.state.step_in_epoch
-            self._bar.refresh()
+        self.hooks.on_flush(self, rows)
+        return preempt, stop
 
     # ------------------------------------------------------------------------------------------
     def _eval_due(self) -> bool:
@@ -332,22 +379,33 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Metrics averaged over the whole validation set, identical on every rank.
+        """Metrics averaged over the whole validation set, identical on every rank: one all-reduce.
 
-        `gather_for_metrics` drops the samples Accelerate repeats to even out the last batch, so
-        nothing is counted twice.
+        Each rank sums the per-sample metrics of its real samples (launcher.data.EvalLoader), and one
+        all-reduce adds the sums, the preemption flags and the ranks' LRs (which must agree: a plateau
+        decision taken on per-rank metrics would make them differ).
         """
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
-        count = 0
-        for batch in self.val_loader:
+        for batch, num_valid in self.val_loader:
             inputs, targets = self._split(batch)
-            per_sample = self.task.metrics(self.model(inputs), targets)
-            gathered = self.accelerator.gather_for_metrics(per_sample)
-            for name, values in gathered.items():
-                sums[name] = sums.get(name, 0) + values.double().sum()
-            count += len(next(iter(gathered.values())))
-        means = {f"val/{k}": (v / count).item() for k, v in sums.items()}
+            for name, values in self.task.metrics(self.model(inputs), targets).items():
+                total = (values if num_valid >= len(values) else values[:num_valid]).double().sum()
+                sums[name] = sums[name] + total if name in sums else total
+        n, device = self.accelerator.num_processes, self.accelerator.device
+        lr = self.scheduler.get_last_lr()[0]
+        packed = torch.stack([*(v.to(device) for v in sums.values()),
+                              torch.tensor(float(self.preemption.requested), dtype=torch.float64, device=device),
+                              torch.tensor(lr, dtype=torch.float64, device=device)])
+        if n > 1:
+            torch.distributed.all_reduce(packed)
+        values = packed.tolist()
+        self._eval_preempt = values[-2] > 0
+        if abs(values[-1] - n * lr) > 1e-9 * n * lr:
+            raise RuntimeError(f"ranks disagree on the LR at epoch {self.state.epoch}: {lr} here, "
+                               f"{values[-1] / n} on average")
+        count = self.val_loader.num_samples
+        means = {f"val/{k}": v / count for k, v in zip(sums, values)}
         if self.task.finalize is not None:
             means.update({f"val/{k}": v for k, v in self.task.finalize(
                 {k.removeprefix("val/"): v for k, v in means.items()}).items()})
@@ -358,23 +416,25 @@ class Trainer:
         s = self.state
         if metrics:
             row = {"step": s.step, "epoch": s.epoch, **metrics, "time/elapsed": s.elapsed,
-                   "time/epoch_seconds": epoch_seconds,
-                   "throughput/samples_per_sec": self.plan.steps_per_epoch * self.plan.global_batch / epoch_seconds}
-            if self.task.tokens_per_sample:
-                row["throughput/tokens_per_sec"] = row["throughput/samples_per_sec"] * self.task.tokens_per_sample
-                peak = self._peak_flops()
-                if peak and self.task.flops_per_token:
-                    row["throughput/mfu"] = (row["throughput/tokens_per_sec"] * self.task.flops_per_token
-                                             / (peak * self.accelerator.num_processes))
+                   "time/epoch_seconds": epoch_seconds, **self._throughput(epoch_seconds)}
             self.tracker.log(row)
             self.tracker.flush()
             self.summary.update(metrics, epoch=s.epoch, step=s.step, seconds=s.elapsed)
         message = self.scheduler.end_epoch(s.epoch, metrics) if metrics else None
-        self._check_ranks_agree()
-        self._close_bar()
+        self.hooks.on_epoch_end(self, metrics)
         self.print(self._epoch_line(metrics, epoch_seconds))
         if message:
             self.print(message)
+
+    def _throughput(self, epoch_seconds: float) -> dict[str, float]:
+        out = {"throughput/samples_per_sec": self.plan.steps_per_epoch * self.plan.global_batch / epoch_seconds}
+        if self.task.tokens_per_sample:
+            out["throughput/tokens_per_sec"] = out["throughput/samples_per_sec"] * self.task.tokens_per_sample
+            peak = self._peak_flops()
+            if peak and self.task.flops_per_token:
+                out["throughput/mfu"] = (out["throughput/tokens_per_sec"] * self.task.flops_per_token
+                                         / (peak * self.accelerator.num_processes))
+        return out
 
     def _peak_flops(self) -> float:
         """Peak FLOP/s of one device: train.peak_tflops, else the bf16 dense peak of a known GPU, else 0."""
@@ -386,43 +446,14 @@ class Trainer:
         known = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 125, "L4": 121, "V100": 125}
         return next((tflops * 1e12 for key, tflops in known.items() if key in name), 0.0)
 
-    def _check_ranks_agree(self) -> None:
-        """Every rank must apply the same LR; a plateau decision taken on per-rank metrics would break this."""
-        lr = self.scheduler.get_last_lr()[0]
-        if self.accelerator.num_processes > 1:
-            lrs = self.accelerator.gather(torch.tensor([lr], dtype=torch.float64, device=self.accelerator.device))
-            if not torch.all(lrs == lrs[0]):
-                raise RuntimeError(f"ranks disagree on the LR after epoch {self.state.epoch}: {lrs.tolist()}")
-        log_dir = os.environ.get("LAUNCHER_RANK_LOG_DIR")  # testing aid: what each rank applied
-        if log_dir:
-            row = {"epoch": self.state.epoch, "step": self.state.step, "lr": lr,
-                   "plateau": self.scheduler.plateau.state_dict() if self.scheduler.plateau else None}
-            with open(os.path.join(log_dir, f"rank{self.accelerator.process_index}.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-
     def _epoch_line(self, metrics: dict[str, float], seconds: float) -> str:
         vals = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         return (f"epoch {self.state.epoch}/{self.plan.num_epochs}  step {self.state.step}  {vals}  "
                 f"lr {self.scheduler.get_last_lr()[0]:.3e}  {seconds:.1f}s")
 
     # ------------------------------------------------------------------------------------------
-    def _open_bar(self, epoch: int) -> None:
-        self._last_lrs = self.scheduler.get_last_lr()
-        mode = self.cfg.train.progress_bar
-        if not self.is_main or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
-            return
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=self.plan.steps_per_epoch, initial=self.state.step_in_epoch,
-                         desc=f"epoch {epoch + 1}/{self.plan.num_epochs}", unit="step", leave=False, dynamic_ncols=True)
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
     def finish(self) -> dict[str, Any]:
-        self._close_bar()
+        self.progress.close()
         summary = self.summary.result(
             final_step=self.state.step, final_epoch=self.state.epoch, wall_seconds=self.state.elapsed,
             final_lr=self.scheduler.get_last_lr()[0], status=self.state.status)
@@ -431,17 +462,13 @@ class Trainer:
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
             os.replace(tmp, os.path.join(self.run_dir, "summary.json"))
-        dump_dir = os.environ.get("LAUNCHER_DEBUG_WEIGHTS_DIR")  # testing aid: every rank's final weights
-        if dump_dir:
-            weights = self.accelerator.unwrap_model(self.model).state_dict()
-            torch.save({k: v.detach().float().cpu() for k, v in weights.items()},
-                       os.path.join(dump_dir, f"rank{self.accelerator.process_index}.pt"))
+        self.hooks.on_finish(self, summary)
         self.tracker.set_summary(summary)
         return summary
 
     def close(self) -> None:
         """Release trackers and the process group (gc first: avoids gloo's abort at exit, DESIGN.md)."""
-        self._close_bar()
+        self.progress.close()
         self.tracker.close()
         self.accelerator.wait_for_everyone()  # no rank tears down the group while another still logs
         self.accelerator.free_memory()
@@ -450,10 +477,9 @@ class Trainer:
         # restores the default handlers, and a SIGTERM (repeated by Slurm, or sent by torch elastic
         # once another rank has exited non-zero) would turn exit status 124 or 3 into a kill.
         if self.state.status == "preempted" and self.is_main:
-            self.preemption.run_hooks(self._preempt_checkpoint or "", self.run_dir)
+            self.preemption.run_hooks(self.checkpoints.last_saved or "", self.run_dir)
         if self.state.status in ("preempted", "nonfinite"):
             self.preemption.ignore_further()
-
 
 class StepOps:
     """accumulate / backward / clip / step / zero_grad of one step, through Accelerate or straight to torch.

@@ -27,11 +27,13 @@ DISTRIBUTED_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAS
 
 def env(**extra: str) -> dict[str, str]:
     """A subprocess environment: the repo importable, one thread, W&B disabled unless this process sets a
-    mode, and none of the distributed or ACCELERATE_* variables of this process; `extra` wins over all."""
+    mode, the test hooks of tests/faults.py loaded (they act only on their LAUNCHER_TEST_* variables), and
+    none of the distributed or ACCELERATE_* variables of this process; `extra` wins over all."""
     e = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARS and not k.startswith("ACCELERATE_")}
     e["OMP_NUM_THREADS"] = "1"
     e.setdefault("WANDB_MODE", "disabled")
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH", "")) if p)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")) if p)
+    e["LAUNCHER_HOOKS"] = "faults:from_env"
     e.update(extra)
     return e
 

@@ -1,11 +1,10 @@
-"""Checkpoint files, completeness, rotation, compatibility checks and the step guard."""
+"""Checkpoint files, completeness, rotation and compatibility checks."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +27,6 @@ from launcher.checkpoint import (
 )
 from launcher.config import CheckpointConfig
 from launcher.errors import UsageError
-from launcher.preemption import Faults, Preemption, StepGuard
 
 from helpers import TINY, assert_usage_error, read_metrics, run, train
 
@@ -135,62 +133,6 @@ def test_param_shapes_look_through_wrappers():
     compiled = torch.nn.Module()  # how torch.compile holds it
     compiled._orig_mod = wrapped
     assert param_shapes(compiled) == {"weight": [3, 4], "bias": [3]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Step guard, signals, fault hooks
-# ---------------------------------------------------------------------------------------------
-
-
-def guard(on_nonfinite: str = "skip", max_skips: int = 2, scaler=None) -> StepGuard:
-    acc = SimpleNamespace(num_processes=1, scaler=scaler, device=torch.device("cpu"))
-    return StepGuard(acc, on_nonfinite, max_skips, Preemption("SIGUSR1"))
-
-
-def test_step_guard_skips_then_stops_after_consecutive_skips():
-    g = guard("skip", max_skips=2)
-    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
-    assert g.check(one, one).nonfinite_ranks == 0
-    first = g.check(nan, one)
-    assert (first.nonfinite_ranks, first.nonfinite_loss_ranks, first.stop) == (1, 1, False)
-    assert g.check(one, one).nonfinite_ranks == 0  # a good step resets the count
-    assert not g.check(one, torch.tensor(float("inf"))).stop  # gradients alone count too
-    second = g.check(nan, one)
-    assert second.stop and second.consecutive_skips == 2
-    assert guard("stop").check(nan, one).stop
-
-
-def test_step_guard_leaves_gradient_overflow_to_the_fp16_scaler():
-    verdict = guard("stop", scaler=object()).check(torch.tensor(1.0), torch.tensor(float("inf")))
-    assert verdict.nonfinite_ranks == 0 and not verdict.stop
-
-
-def test_preemption_signal_sets_the_flag_and_the_guard_reports_it():
-    g = guard()
-    g.preemption.install()
-    try:
-        assert not g.check(torch.tensor(1.0), None).preempt
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGUSR1)  # a repeat changes nothing
-        assert g.preemption.requested and g.preemption.received == "SIGUSR1"
-        assert g.check(torch.tensor(1.0), None).preempt
-        assert g.agree_preempt()
-    finally:
-        g.preemption.uninstall()
-    assert signal.getsignal(signal.SIGUSR1) is not g.preemption._handle
-    with pytest.raises(UsageError, match="checkpoint.signal: 'SIGNOPE'"):
-        Preemption("SIGNOPE")
-
-
-def test_fault_hooks_parse_steps_and_ranks(monkeypatch):
-    monkeypatch.setenv("LAUNCHER_INJECT_NONFINITE", "5,7-9:1")
-    faults = Faults.from_env(rank=1)
-    assert faults.nonfinite == {5: None, 7: 1, 8: 1, 9: 1}
-    assert torch.isnan(faults.corrupt_loss(torch.tensor(1.0), 8))
-    assert not torch.isnan(Faults.from_env(rank=0).corrupt_loss(torch.tensor(1.0), 8))
-    monkeypatch.setenv("LAUNCHER_TEST_KILL_AT_STEP", "x")
-    with pytest.raises(UsageError, match="LAUNCHER_TEST_KILL_AT_STEP"):
-        Faults.from_env(rank=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Non-finite steps without a host sync: skip on the device, decide to stop at the next flush.
+
+The clipped global gradient norm is the same number on every rank (DDP, FSDP and ZeRO reduce the
+gradients before it is taken; a NaN loss on one rank poisons everyone's reduced gradients), so each
+rank can decide on its own, on the device, whether a step is non-finite, and all of them decide the
+same. The fused AdamW/Adam/SGD kernels take a `found_inf` tensor and skip the update on the device
+when it is 1 (parameters, moments and the step count are left bit-identical: pytorch#88015, the
+mechanism GradScaler uses), so the loop never waits for the answer.
+
+Policies (`train.on_nonfinite`, `train.max_nonfinite_skips`), computed on the device step by step:
+  stop   the first non-finite step freezes the weights (every later update is skipped too);
+  skip   a non-finite step is skipped; `max_nonfinite_skips` in a row freeze the weights.
+The host learns what happened when the step rows are read back (every `train.log_every_n_steps`
+steps, before each checkpoint and at epoch ends) and stops there: nothing after the last good step
+is ever checkpointed. `decide` replays the same rule on the read-back norms.
+
+Where no device skip is possible (a non-fused optimizer, `optim.fused: false`), the norm is read
+back every step (one host sync, no collective) and the update is skipped on the host. With an fp16
+gradient scaler, overflowing gradients are the scaler's business (it skips the step itself and
+lowers the scale); only a non-finite loss counts. Under DeepSpeed the engine steps inside
+`backward`, so a bf16/fp32 non-finite step cannot be undone: it is reported, and stops the run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Event:
+    """A non-finite step, as the host learns of it at a flush."""
+
+    step: int
+    loss_ranks: int
+    """On how many ranks the loss itself was non-finite (0: only the gradients)."""
+    consecutive: int
+    stop: bool
+
+
+@dataclass
+class NonFiniteGuard:
+    on_nonfinite: str
+    max_skips: int
+    device: torch.device
+    torch_optimizer: torch.optim.Optimizer | None = None
+    """The plain torch optimizer when the trainer steps it itself (no DeepSpeed engine)."""
+    scaler: bool = False
+    consecutive: int = 0
+    """Host view: non-finite steps in a row up to the last flush."""
+    _found_inf: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        opt = self.torch_optimizer
+        self.device_skip = bool(opt is not None and not self.scaler
+                                and any(g.get("fused") for g in opt.param_groups))
+        self.host_skip = opt is not None and not self.scaler and not self.device_skip
+        if self.device_skip:
+            self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+            self._consecutive = torch.zeros((), dtype=torch.int32, device=self.device)
+            self._frozen = torch.zeros((), dtype=torch.bool, device=self.device)
+            opt.found_inf = self._found_inf  # read by the fused kernels at every step()
+        self._host_consecutive = 0
+        self._host_frozen = False
+        self.norm_known = False
+
+    def before_step(self, grad_norm: torch.Tensor | None) -> bool:
+        """Between clipping and `optimizer.step()`. Returns False when the host must not step."""
+        if grad_norm is None:
+            return True
+        self.norm_known = True
+        if self.device_skip:
+            bad = torch.isfinite(grad_norm).logical_not_()
+            if self.on_nonfinite == "stop":
+                self._found_inf.logical_or_(bad)  # sticky: the first bad step freezes the weights
+            else:
+                self._consecutive.add_(1).mul_(bad)
+                self._frozen.logical_or_(self._consecutive >= self.max_skips)
+                torch.logical_or(bad, self._frozen, out=self._found_inf)
+            return True
+        if self.host_skip:  # one host read per step: no fused kernel to skip on the device
+            bad = not math.isfinite(float(grad_norm))
+            self._host_consecutive = self._host_consecutive + 1 if bad else 0
+            self._host_frozen |= bad and (self.on_nonfinite == "stop" or self._host_consecutive >= self.max_skips)
+            return not (bad or self._host_frozen)
+        return True
+
+    def decide(self, steps: list[int], loss_bad_ranks: list[float], norms: list[float]) -> list[Event]:
+        """Replay the policy over the read-back steps; the events up to and including a stop.
+
+        Where the update was skipped by the gradient norm (on the device or the host), the norm alone
+        decides, as it did in the step; otherwise a non-finite loss on any rank, or a non-finite norm
+        where one was measured and no fp16 scaler owns overflows.
+        """
+        by_norm = self.device_skip or self.host_skip
+        events = []
+        for step, loss_ranks, norm in zip(steps, loss_bad_ranks, norms):
+            norm_bad = self.norm_known and not self.scaler and not math.isfinite(norm)
+            bad = norm_bad if by_norm else (loss_ranks > 0 or norm_bad)
+            if not bad:
+                self.consecutive = 0
+                continue
+            self.consecutive += 1
+            stop = self.on_nonfinite == "stop" or self.consecutive >= self.max_skips
+            events.append(Event(step, int(loss_ranks), self.consecutive, stop))
+            if stop:
+                break
+        return events
