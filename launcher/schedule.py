@@ -166,8 +166,11 @@ class LRScheduler:
 
     def lrs_at(self, k: int) -> list[float]:
         """LRs (one per param group) that optimizer step k uses, with the current plateau factor."""
-        out = []
-        for base in self.base_lrs:
+        out: list[float] = []
+        for i, base in enumerate(self.base_lrs):
+            if i and base == self.base_lrs[i - 1]:  # param groups usually share the base LR
+                out.append(out[-1])
+                continue
             lr = scheduled_lr(k, base, self.cfg, self.warmup_steps, self.steps_per_epoch, self.total_steps)
             lr *= self.plateau_factor
             if k > self.warmup_steps:

@@ -315,13 +315,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         """Keep the step's values on the device; `_flush` reads them back in bulk."""
-        epoch_frac = self.state.epoch + self.state.step_in_epoch / self.plan.steps_per_epoch
+        s = self.state
         if isinstance(grad_norm, torch.Tensor):
-            gn = grad_norm.detach().float().reshape(())
+            gn = grad_norm if grad_norm.ndim == 0 and grad_norm.dtype == torch.float32 else grad_norm.float().reshape(())
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP2 returns a DTensor
         else:
             gn = torch.full((), math.nan if grad_norm is None else float(grad_norm), device=loss.device)
-        self._pending.append((self.state.step, epoch_frac, self._last_lrs, loss.detach().float().reshape(()), gn))
+        if loss.ndim or loss.dtype != torch.float32:
+            loss = loss.float().reshape(())
+        self._pending.append((s.step, s.epoch + s.step_in_epoch / self.plan.steps_per_epoch, self._last_lrs, loss, gn))
         self._last_lrs = [g["lr"] for g in self.optimizer.param_groups]  # what the scheduler set for the next step
 
     def _flush(self) -> tuple[bool, Event | None]:
