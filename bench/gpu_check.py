@@ -6,9 +6,11 @@
 
 Each case is a real `accelerate launch` with one of accelerate_configs/*.yaml on ONE GPU (1 process),
 a small recipe for ~1-2 epochs, then checks of what the run wrote: the topology line (device cuda,
-the precision and engine asked for), finite train/loss that goes down, and for fp16 that a
-gradient overflow skips the optimizer step without stepping the LR schedule. Exit status 0 when
-every case passes, 1 otherwise. tests/gpu/test_gpu.py runs the same cases under pytest.
+the precision and engine asked for), finite train/loss that goes down, for fp16 that a gradient
+overflow is skipped by the scaler while the LR keeps following the schedule (one step counter), and
+for `sync-free` that steady-state steps run under `torch.cuda.set_sync_debug_mode("error")` (any
+host sync between two flushes fails the run; `SyncDebug` below, loaded as a launcher hook).
+Exit status 0 when every case passes, 1 otherwise. tests/gpu/test_gpu.py runs the same cases.
 """
 
 from __future__ import annotations
@@ -52,14 +54,48 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _lr_held_on_overflow(rows: list[dict]) -> str | None:
+def _lr_follows_schedule_through_overflow(rows: list[dict]) -> str | None:
+    """A skipped update still advances the schedule: the warmup LR keeps rising through the overflow step."""
     lrs = [r["lr"] for r in rows]
     k = OVERFLOW_STEP - 1  # rows are 1-based steps
-    if lrs[k] != lrs[k + 1]:
-        return f"lr moved after the overflow step: step {OVERFLOW_STEP} {lrs[k]:.6g} -> {lrs[k + 1]:.6g}"
-    if not (lrs[k - 1] < lrs[k] and lrs[k + 1] < lrs[k + 2]):
-        return f"warmup lr should rise around the skipped step: {lrs[: k + 3]}"
+    if not (lrs[k - 1] < lrs[k] < lrs[k + 1] < lrs[k + 2]):
+        return f"warmup lr should rise through the skipped step: {lrs[: k + 3]}"
     return None
+
+
+def _sync_free(rows: list[dict]) -> str | None:
+    return None if rows else "no step rows"
+
+
+class SyncDebug:
+    """Launcher hook: steady-state steps under torch.cuda.set_sync_debug_mode("error").
+
+    The mode is switched on after a step whose end brings no flush (every train.log_every_n_steps steps,
+    a step checkpoint, an epoch's last step), so the next step, `after_step` included, must not sync; it
+    is switched off before a flush, an evaluation or a checkpoint, where reading back is the point.
+    """
+
+    def __init__(self):
+        self.checked = 0
+
+    def after_step(self, trainer) -> None:
+        import torch
+
+        s, plan, every = trainer.state, trainer.plan, trainer.cfg.train.log_every_n_steps
+        flush_next = (s.step % every == 0 or s.step_in_epoch >= plan.steps_per_epoch or s.step >= plan.total_steps
+                      or trainer.checkpoints.due(s.step, s.step_in_epoch, plan.steps_per_epoch, plan.total_steps))
+        if torch.cuda.get_sync_debug_mode() and s.step > 2:
+            self.checked += 1  # this step ran in "error" mode without a sync
+        torch.cuda.set_sync_debug_mode(0 if flush_next or s.step < 2 else "error")
+
+    def on_finish(self, trainer, summary) -> None:
+        import torch
+
+        torch.cuda.set_sync_debug_mode(0)
+        if not self.checked:
+            raise RuntimeError("sync debug: no steady-state step was checked")
+        if trainer.is_main:
+            print(f"sync debug: {self.checked} steps ran without a host sync", flush=True)
 
 
 CASES = [
@@ -68,7 +104,10 @@ CASES = [
     Case("fp16-scaler", ["--config_file", "accelerate_configs/single_gpu.yaml", "--mixed_precision", "fp16"],
          [*MNIST, "--task.name=gpu_check:overflow_task", "--schedule.warmup_epochs=1"],
          ["topology: NO, 1 process(es) on 1 machine(s), device cuda", "mixed precision fp16"],
-         _lr_held_on_overflow, env={"PYTHONPATH": str(BENCH)}),
+         _lr_follows_schedule_through_overflow, env={"PYTHONPATH": str(BENCH)}),
+    Case("sync-free", ["--config_file", "accelerate_configs/single_gpu.yaml", "--mixed_precision", "bf16"],
+         [*MNIST, "--data.pin_memory=true"], ["device cuda", "steps ran without a host sync"], _sync_free,
+         env={"PYTHONPATH": str(BENCH), "LAUNCHER_HOOKS": "gpu_check:SyncDebug"}),
     Case("fsdp2", ["--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "1"], MNIST,
          ["topology: FSDP, 1 process(es) on 1 machine(s), device cuda", "mixed precision bf16", "fsdp: version 2"]),
     Case("fsdp2-gpt-blocks", ["--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "1",

@@ -201,7 +201,7 @@ class EvalLoader:
         from accelerate.utils import send_to_device
 
         for b, batch in enumerate(self.loader):
-            yield send_to_device(batch, self.device), max(0, self.valid - b * self.batch_size)
+            yield send_to_device(batch, self.device, non_blocking=True), max(0, self.valid - b * self.batch_size)
 
 
 def cast_floats(value, dtype: torch.dtype):

@@ -320,7 +320,7 @@ def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_
         raise
 
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     # Without an explicit gloo backend, DeepSpeed on CPU makes each rank believe it is alone (DESIGN.md).
     handlers = [InitProcessGroupKwargs(backend=None if has_gpu else "gloo", timeout=timedelta(minutes=30))] \
@@ -334,6 +334,9 @@ def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_
         kwargs_handlers=handlers,
         deepspeed_plugin=deepspeed_plugin,
         fsdp_plugin=fsdp_plugin,
+        # Batches from pinned memory are copied to the GPU without blocking the host until the
+        # previous step's kernels are done (a blocking copy is a host sync on every step).
+        dataloader_config=DataLoaderConfiguration(non_blocking=has_gpu),
     )
     if accelerator.num_processes != expected:
         raise UsageError(
