@@ -409,7 +409,7 @@ def _notes(results: list[dict], whole: dict | None = None) -> list[str]:
         "`train.log_every_n_steps` (25) steps: one all-reduce of losses, non-finite flags and the preemption flag, "
         "one host read, 25 JSON lines.",
         "- Taken out of the step (the launcher calls torch directly where Accelerate's wrappers add nothing: "
-        "`launcher.trainer.StepOps`): `AcceleratedOptimizer.step` looked the `lomo_optim` package up on disk twice "
+        "`launcher.step.StepOps`): `AcceleratedOptimizer.step` looked the `lomo_optim` package up on disk twice "
         "per call, `zero_grad` called `inspect.signature`, `clip_grad_norm_` checked the torch version and walked "
         "the parameters for DTensors, `backward` divided the loss by 1, `accumulate` cost ~20 us without "
         "accumulation; and the prepared DataLoader's per-batch cost (`launcher.data.InMemoryLoader` serves "

@@ -1,6 +1,6 @@
 """Starting Accelerate safely: the right device, backend and precision, or a clear error.
 
-DESIGN.md lists the silent failure modes measured with accelerate 1.15 on CPU; each is handled here:
+docs/scaling.md ("Pitfalls the launcher catches") lists the silent failure modes measured with accelerate on CPU; each is handled here:
 - `accelerate launch --multi_gpu` / torchrun on a machine without GPUs starts N processes that each
   believe they are alone unless the Accelerator gets `cpu=True`: we pass it whenever no GPU is
   present, so `accelerate_configs/cpu_ddp.yaml` works without ACCELERATE_USE_CPU.
@@ -322,7 +322,7 @@ def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
-    # Without an explicit gloo backend, DeepSpeed on CPU makes each rank believe it is alone (DESIGN.md).
+    # Without an explicit gloo backend, DeepSpeed on CPU makes each rank believe it is alone (docs/scaling.md, pitfalls).
     handlers = [InitProcessGroupKwargs(backend=None if has_gpu else "gloo", timeout=timedelta(minutes=30))] \
         if expected > 1 or (use_deepspeed and not has_gpu) else []
     accelerator = Accelerator(

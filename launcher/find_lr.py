@@ -524,7 +524,7 @@ def _write_recipe(recipe: str, path: str, overrides: dict[str, Any], lr: float) 
 
 
 def _shutdown(accelerator) -> None:
-    """Release the process group (gc first: avoids gloo's abort at exit, DESIGN.md)."""
+    """Release the process group (gc first: avoids gloo's abort at exit: docs/scaling.md, pitfalls)."""
     import gc
 
     import torch
