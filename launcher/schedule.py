@@ -83,8 +83,9 @@ def _epoch_lr(k: int, base_lr: float, cfg: ScheduleConfig, warmup_steps: int, st
 def phase(k: int, cfg: ScheduleConfig, warmup_steps: int) -> str:
     if k <= warmup_steps:
         return "warmup"
-    staircase = cfg.staircase or cfg.granularity == "epoch"
-    return cfg.decay + (" staircase" if cfg.decay == "exponential" and staircase else "")
+    if cfg.granularity == "epoch":
+        return cfg.decay + " per epoch"
+    return cfg.decay + (" staircase" if cfg.decay == "exponential" and cfg.staircase else "")
 
 
 # ---------------------------------------------------------------------------------------------
