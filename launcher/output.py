@@ -70,16 +70,21 @@ def _first_existing(path: str) -> str:
     return path
 
 
-def check_dir(path: str, flag: str) -> None:
-    """UsageError unless `path` is a directory or can be created, and can be written."""
+def check_dir(path: str, flag: str, shown: str | None = None) -> None:
+    """UsageError unless `path` is a directory or can be created, and can be written.
+
+    `shown` is the path the user gave when `path` is derived from it (a file's directory)."""
     full = os.path.abspath(os.path.expanduser(str(path)))
+    shown = str(path) if shown is None else shown
     if os.path.exists(full) and not os.path.isdir(full):
-        raise UsageError(f"{flag} {str(path)!r} exists and is not a directory; choose another {flag}")
+        if shown != str(path):
+            raise UsageError(f"{flag} {shown!r}: {full!r} is a file, not a directory; choose another {flag}")
+        raise UsageError(f"{flag} {shown!r} exists and is not a directory; choose another {flag}")
     base = _first_existing(full)
     if not os.path.isdir(base):
-        raise UsageError(f"{flag} {str(path)!r}: {base!r} is a file, not a directory; choose another {flag}")
+        raise UsageError(f"{flag} {shown!r}: {base!r} is a file, not a directory; choose another {flag}")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(path)!r}: cannot write in {base!r} (permission denied); "
+        raise UsageError(f"{flag} {shown!r}: cannot write in {base!r} (permission denied); "
                          f"choose another {flag}")
 
 
@@ -93,7 +98,7 @@ def check_file(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {text!r} is a directory; name a file, e.g. {flag} {os.path.join(text, 'lr.png')}")
     if os.path.exists(full) and not os.access(full, os.W_OK):
         raise UsageError(f"{flag} {text!r} cannot be overwritten (permission denied); choose another {flag}")
-    check_dir(os.path.dirname(full), flag)
+    check_dir(os.path.dirname(full), flag, shown=text)
 
 
 def make_parents(path: str, flag: str) -> str:
