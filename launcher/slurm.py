@@ -479,10 +479,11 @@ class _Parser(argparse.ArgumentParser):
         if not match:
             return ""
         flag = match.group(1).split("=", 1)[0].replace("-", "_").lstrip("_")
-        options = [o for a in self._all_actions for o in a.option_strings if o.startswith("--")]
-        for sub in self._subparsers._group_actions if self._subparsers else []:
-            for parser in getattr(sub, "choices", {}).values():
-                options += [o for a in parser._all_actions for o in a.option_strings if o.startswith("--")]
+        options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for action in self._actions:
+            for parser in (getattr(action, "choices", None) or {}).values():
+                if isinstance(parser, argparse.ArgumentParser):
+                    options += [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
         close = difflib.get_close_matches(f"--{flag}", sorted(set(options)), n=1, cutoff=0.6)
         if close:
             return f"; did you mean {close[0]}?"
