@@ -408,6 +408,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, list | tuple):
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                raise UsageError(f"{key}: expected {len(args)} values separated by commas; got {value!r}")
             raise UsageError(f"{key}: expected a list; got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):

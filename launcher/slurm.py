@@ -484,12 +484,10 @@ class _Parser(argparse.ArgumentParser):
             for parser in (getattr(action, "choices", None) or {}).values():
                 if isinstance(parser, argparse.ArgumentParser):
                     options += [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-        close = difflib.get_close_matches(f"--{flag}", sorted(set(options)), n=1, cutoff=0.6)
-        if close:
-            return f"; did you mean {close[0]}?"
         if "." in flag:
             return "; training overrides go after a bare --, e.g. -- --optim.lr=0.005"
-        return ""
+        close = difflib.get_close_matches(f"--{flag}", sorted(set(options)), n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
 
 
 PROG = "python -m launcher.slurm"
