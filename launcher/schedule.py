@@ -15,6 +15,8 @@ Conventions (all counts are optimizer updates, after gradient accumulation):
   validation metric that every rank computed over the whole validation set. It follows
   torch.optim.lr_scheduler.ReduceLROnPlateau step for step (best, bad epochs, cooldown), except
   that epochs spent in warmup (ending at or before its last step) never count as bad.
+  `plateau.style: keras` follows Keras' ReduceLROnPlateau instead (`Plateau._step_keras`).
+- `granularity: epoch`: one LR per epoch, as Keras callbacks set it at epoch starts (`_epoch_lr`).
 
 The scheduler is stepped once per optimizer update by the trainer and is never passed to
 `accelerator.prepare` (which would step it once per process: accelerate#2318).
