@@ -80,6 +80,7 @@ def check_flags(fn: Callable[..., Any], args: list[str], name: str) -> None:
     import difflib
 
     own, var_kw = _flag_names(fn)
+    _check_positionals(fn, args, name)
     for arg in args:
         if arg == "--":
             break
@@ -102,6 +103,42 @@ def check_flags(fn: Callable[..., Any], args: list[str], name: str) -> None:
             close = [f"--{key}"] if key else []
         hint = f"; did you mean {close[0]}?" if close else f"; see `{_prog(name)} --help`"
         raise UsageError(f"unknown flag --{flag} for {_prog(name)}{hint}")
+
+
+def _check_positionals(fn: Callable[..., Any], args: list[str], name: str) -> None:
+    """fire hands a bare word to the next parameter not given as a flag (`--recipe R oops` would make
+    `oops` the output directory). Allowed: the recipe as the first word when --recipe is absent."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    words, flags = [], set()
+    i = 0
+    while i < len(args) and args[i] != "--":
+        arg = args[i]
+        if arg.startswith("--") and len(arg) > 2:
+            flag, eq, _ = arg[2:].partition("=")
+            flags.add(flag.replace("-", "_"))
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1  # fire reads the next word as this flag's value
+        elif not (arg.startswith("-") and _is_number(arg)):
+            words.append(arg)
+        i += 1
+    first = next(iter(params), None)
+    allowed = 1 if first is not None and first.name == "recipe" and "recipe" not in flags else 0
+    if len(words) > allowed:
+        extra = words[allowed]
+        raise UsageError(f"unexpected argument {extra!r}; flags are written --name=value "
+                         f"(e.g. --output_dir {extra}); see `{_prog(name)} --help`")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _prog(name: str) -> str:

@@ -69,6 +69,8 @@ CASES = [
     (["train", "--recipe", R, "--output_dir={file}/run"], ["--output_dir", "is a file"]),
     (["train", "--recipe", R, "--resume=nowhere/step_1"], ["--resume", "not found"]),
     (["train", "--recipe", R, "--resume"], ["--resume needs a value"]),
+    (["train", "--recipe", R, "oops"], ["unexpected argument 'oops'"]),
+    (["train", R, "{in}/other.yaml"], ["unexpected argument"]),
     (["train", "--recipe", R, "--train.batch_size=5000"], ["train.batch_size", "lower"]),
     (["train", "--recipe", R, "--task.name=nope"], ["task.name", "unknown task"]),
     (["train", "--recipe", R, "--task.options.num_trian=5"], ["task.options.num_trian", "num_train"]),
@@ -111,6 +113,7 @@ CASES = [
     (["schedule", "--recipe", R, "--stepsperepoch=10"], ["did you mean --steps_per_epoch?"]),
     (["schedule", "--recipe", R, "--optim.lrr=1"], ["did you mean optim.lr?"]),
     (["schedule", "--recipe", "{in}/empty.yaml"], ["is empty"]),
+    (["schedule", "--recipe", R, "10"], ["unexpected argument '10'"]),
     # find_lr
     (["find_lr"], ["--recipe is required"]),
     (["find_lr", "--recipe", R, "--start_lr=0"], ["--start_lr", "> 0"]),
