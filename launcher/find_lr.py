@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from launcher.errors import UsageError, run_cli
-from launcher.output import check_dir, check_file, make_parents, makedirs
+from launcher.output import check_dir, check_file, check_plot, make_parents, makedirs
 
 RESULT_FILE = "lr_find.json"
 
@@ -427,7 +427,7 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
         raise UsageError(f"--plot needs a file name, e.g. --plot lr_find.png (or none); got {plot!r}")
     plot_path = None if skip_plot or plot is None else str(plot)
     if plot_path is not None:
-        check_file(plot_path, "--plot")
+        check_plot(plot_path, "--plot")
     if output_dir is not None:
         check_dir(output_dir, "--output_dir")
     else:

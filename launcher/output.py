@@ -101,6 +101,19 @@ def check_file(path: str, flag: str) -> None:
     check_dir(os.path.dirname(full), flag, shown=text)
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf")
+"""File extensions matplotlib writes (a name without one is written as PNG)."""
+
+
+def check_plot(path: str, flag: str = "--plot") -> None:
+    """check_file, plus an extension matplotlib can write."""
+    check_file(path, flag)
+    ext = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if ext and ext not in PLOT_FORMATS:
+        raise UsageError(f"{flag} {str(path)!r}: matplotlib cannot write .{ext} files; use one of "
+                         f".{', .'.join(PLOT_FORMATS[:4])} (e.g. {flag} lr.png)")
+
+
 def make_parents(path: str, flag: str) -> str:
     """Create the directory that will hold the file `path`; return the path with ~ expanded."""
     full = os.path.expanduser(str(path))

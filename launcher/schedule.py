@@ -354,7 +354,7 @@ def main(recipe: str | None = None, steps_per_epoch: int | None = None, num_epoc
     import dataclasses
 
     from launcher.config import load_config
-    from launcher.output import check_file, make_parents
+    from launcher.output import check_plot, make_parents
     from launcher.plan import make_plan
 
     if recipe is None or not isinstance(recipe, str):
@@ -373,7 +373,7 @@ def main(recipe: str | None = None, steps_per_epoch: int | None = None, num_epoc
     if plot is not None:
         if not isinstance(plot, str):
             raise UsageError(f"--plot needs a file name, e.g. --plot lr.png; got {plot!r}")
-        check_file(plot, "--plot")
+        check_plot(plot, "--plot")
     cfg = load_config(recipe, overrides)
     if steps_per_epoch is not None:
         global_batch = cfg.train.batch_size * num_processes * cfg.train.grad_accum_steps

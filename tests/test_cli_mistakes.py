@@ -110,6 +110,7 @@ CASES = [
     (["schedule", "--recipe", R, "--plot={file}/lr.png"], ["--plot", "is a file"]),
     (["schedule", "--recipe", R, "--plot={in}"], ["--plot", "is a directory"]),
     (["schedule", "--recipe", R, "--format=yaml"], ["--format", "table, json"]),
+    (["schedule", "--recipe", R, "--plot=lr.pnj"], ["--plot", ".pnj"]),
     (["schedule", "--recipe", R, "--stepsperepoch=10"], ["did you mean --steps_per_epoch?"]),
     (["schedule", "--recipe", R, "--optim.lrr=1"], ["did you mean optim.lr?"]),
     (["schedule", "--recipe", "{in}/empty.yaml"], ["is empty"]),
@@ -126,6 +127,7 @@ CASES = [
     (["find_lr", "--recipe", R, "--apply={in}/nodir/out.yaml"], ["--apply", "does not exist"]),
     (["find_lr", "--recipe", R, "--output_dir={file}/out"], ["--output_dir", "is a file"]),
     (["find_lr", "--recipe", R, "--plot={file}/curve.png"], ["--plot", "is a file"]),
+    (["find_lr", "--recipe", R, "--plot=curve.jgp"], ["--plot", ".jgp"]),
     (["find_lr", "--recipe", R, "--data.root={file}"], ["--data.root"]),
     (["find_lr", "--recipe", "{in}/dup_nested.yaml"], ["given twice"]),
     # slurm
