@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -513,7 +514,10 @@ def read_recipe(path: str | Path) -> dict:
     if p.is_dir():
         raise UsageError(f"recipe {name!r} is a directory; pass --recipe path/to/recipe.yaml (see recipes/)")
     if not p.is_file():
-        raise UsageError(f"recipe file not found: {name!r}; pass --recipe path/to/recipe.yaml (see recipes/)")
+        near = [c for c in (f"{name}.yaml", f"{name}.yml", os.path.join("recipes", name),
+                            os.path.join("recipes", f"{name}.yaml")) if os.path.isfile(c)]
+        hint = f"did you mean --recipe {near[0]}?" if near else "pass --recipe path/to/recipe.yaml (see recipes/)"
+        raise UsageError(f"recipe file not found: {name!r}; {hint}")
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as err:

@@ -44,6 +44,7 @@ CASES = [
     (["train"], ["--recipe is required"]),
     (["train", "--recipe", "{in}/missing.yaml"], ["recipe file not found"]),
     (["train", "--recipe", "{in}"], ["is a directory"]),
+    (["train", "--recipe", "{in}/empty"], ["recipe file not found", "did you mean --recipe", "empty.yaml"]),
     (["train", "--recipe", R, "--optim.lrr=1"], ["optim.lrr", "did you mean optim.lr?"]),
     (["train", "--recipe", R, "--lr=0.1"], ["--lr", "did you mean --optim.lr?"]),
     (["train", "--recipe", R, "--resum=auto"], ["--resum", "did you mean --resume?"]),
