@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,18 +121,26 @@ class PlateauConfig:
     enabled: bool = False
     metric: str = "val/loss"
     """A validation metric (averaged over the whole validation set on all ranks)."""
+    style: str = "torch"
+    """`torch`: torch's ReduceLROnPlateau (reduce after `patience + 1` bad epochs, relative `threshold`);
+    `keras`: Keras' ReduceLROnPlateau (reduce after `patience` bad epochs, absolute `min_delta`, cooldown
+    as Keras counts it). See docs/schedule.md."""
     mode: str = "min"
     """`min` if lower is better (loss), `max` if higher is better (accuracy)."""
     factor: float = 0.5
     """Multiply the LR by this on a plateau."""
     patience: int = 3
-    """Epochs without improvement tolerated; the LR drops after `patience + 1` bad epochs (as torch)."""
+    """Epochs without improvement tolerated; the LR drops after `patience + 1` bad epochs (torch style) or
+    after `patience` bad epochs (keras style)."""
     cooldown: int = 2
-    """Epochs after a reduction during which bad epochs are not counted."""
+    """Epochs after a reduction during which bad epochs are not counted (keras style: the epoch that
+    ends the cooldown counts again, so Keras' cooldown=2 ignores one epoch)."""
     threshold: float = 1e-4
-    """Minimum change that counts as an improvement."""
+    """torch style: minimum change that counts as an improvement."""
     threshold_mode: str = "rel"
-    """`rel`: relative to the best value; `abs`: absolute."""
+    """torch style: `rel` (relative to the best value) or `abs` (absolute)."""
+    min_delta: float = 0.0
+    """keras style: minimum absolute change that counts as an improvement (Keras' `min_delta`)."""
     min_lr: float = 0.0
     """Plateau reductions never take the LR below this."""
 
@@ -144,6 +153,15 @@ class PlateauConfig:
         _require(self.threshold >= 0, "threshold", f"must be >= 0; got {self.threshold}")
         _choice(self.threshold_mode, "threshold_mode", ("rel", "abs"))
         _require(self.min_lr >= 0, "min_lr", f"must be >= 0; got {self.min_lr}")
+        _choice(self.style, "style", ("torch", "keras"))
+        _require(math.isfinite(self.min_delta) and self.min_delta >= 0, "min_delta",
+                 f"must be >= 0; got {self.min_delta}")
+        _require(self.style == "keras" or self.min_delta == 0, "min_delta",
+                 "is Keras' absolute threshold and needs schedule.plateau.style=keras; with the torch style "
+                 "use schedule.plateau.threshold (and threshold_mode=abs)")
+        _require(self.style == "torch" or (self.threshold == 1e-4 and self.threshold_mode == "rel"), "threshold",
+                 "threshold and threshold_mode are torch's; with schedule.plateau.style=keras set "
+                 "schedule.plateau.min_delta (absolute) instead")
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,10 @@ class ScheduleConfig:
     """Alternative to warmup_steps: converted with the real steps per epoch (set one, not both)."""
     warmup_start_factor: float = 0.0
     """Warmup ramps from base_lr x this (reached before step 1) to base_lr at the last warmup step."""
+    granularity: str = "step"
+    """`step`: the LR changes every optimizer step. `epoch`: it changes only at epoch starts, as Keras
+    callbacks set it: epoch e (1-based) uses base x e / warmup_epochs during warmup, then
+    base x decay_rate ** (e - warmup_epochs) (needs whole warmup_epochs; decay constant or exponential)."""
     decay: str = "constant"
     """After warmup: `constant`, `exponential` (decay_rate per epoch), `cosine` or `linear` (to min_lr at the end)."""
     decay_rate: float = 1.0
@@ -173,6 +195,14 @@ class ScheduleConfig:
                  f"must be in [0, 1]; got {self.warmup_start_factor}")
         _choice(self.decay, "decay", ("constant", "exponential", "cosine", "linear"))
         _require(0 < self.decay_rate <= 1, "decay_rate", f"must be in (0, 1]; got {self.decay_rate}")
+        _choice(self.granularity, "granularity", ("step", "epoch"))
+        if self.granularity == "epoch":
+            _require(self.decay in ("constant", "exponential"), "granularity",
+                     f"epoch granularity supports decay constant or exponential; got decay {self.decay}")
+            _require(not self.warmup_steps, "granularity",
+                     "epoch granularity counts warmup in epochs: set schedule.warmup_epochs, not warmup_steps")
+            _require(float(self.warmup_epochs).is_integer(), "warmup_epochs",
+                     f"must be a whole number of epochs with granularity epoch; got {self.warmup_epochs}")
         _require(self.min_lr >= 0, "min_lr", f"must be >= 0; got {self.min_lr}")
 
 
@@ -309,9 +339,24 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def closest_key(key: str) -> str | None:
+    """The valid dotted key most like `key` (a typo, or a leaf name given without its section)."""
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if len(by_leaf) == 1:
+        return by_leaf[0]
+    close = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.75)
+    matches = [k for k in keys if close and k.rsplit(".", 1)[-1] == close[0]]
+    return matches[0] if len(matches) == 1 else None
+
+
 def _unknown_key(key: str) -> UsageError:
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else "; see `python -m launcher.train --print_config` for all keys"
+    close = closest_key(key)
+    hint = f"; did you mean {close}?" if close else "; see `python -m launcher.train --print_config` for all keys"
     return UsageError(f"unknown recipe key {key!r}{hint}")
 
 
@@ -372,6 +417,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, list | tuple):
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                raise UsageError(f"{key}: expected {len(args)} values separated by commas; got {value!r}")
             raise UsageError(f"{key}: expected a list; got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
@@ -430,21 +477,82 @@ def _check_known(key: str) -> None:
         raise _unknown_key(key)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` may legitimately be overridden by explicit keys
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let the constructor report it
+            break
+        if first is not None:
+            raise _DuplicateKey(key, line, first)
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+_KINDS = {yaml.SequenceNode: "a list", yaml.ScalarNode: "a single value"}
+
+
 def read_recipe(path: str | Path) -> dict:
-    """Read a recipe YAML into a plain dict (UsageError if missing or malformed)."""
+    """Read a recipe YAML into a plain dict.
+
+    UsageError (naming the file and, where there is one, the line) if the file is missing or
+    unreadable, is not valid YAML, is empty, has a top level that is not a mapping, or gives a key
+    twice in one mapping.
+    """
     p = Path(path)
+    name = str(path)
+    if p.is_dir():
+        raise UsageError(f"recipe {name!r} is a directory; pass --recipe path/to/recipe.yaml (see recipes/)")
     if not p.is_file():
-        raise UsageError(f"recipe file not found: {str(path)!r}; pass --recipe path/to/recipe.yaml (see recipes/)")
+        near = [c for c in (f"{name}.yaml", f"{name}.yml", os.path.join("recipes", name),
+                            os.path.join("recipes", f"{name}.yaml")) if os.path.isfile(c)]
+        hint = f"did you mean --recipe {near[0]}?" if near else "pass --recipe path/to/recipe.yaml (see recipes/)"
+        raise UsageError(f"recipe file not found: {name!r}; {hint}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
+        raise UsageError(f"recipe {name!r} cannot be read ({reason}); pass a readable recipe YAML") from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise UsageError(f"recipe {name!r} is empty (line 1); a recipe needs at least a task: or optim: "
+                             f"section (see recipes/mnist1d.yaml)")
+        if not isinstance(node, yaml.MappingNode):
+            raise UsageError(f"recipe {name!r} line {node.start_mark.line + 1}: the top level must be a mapping of "
+                             f"sections (task:, optim:, ...); got {_KINDS.get(type(node), 'something else')}")
+        raw = loader.construct_document(node)
+    except _DuplicateKey as dup:
+        raise UsageError(f"recipe {name!r} line {dup.line}: key {dup.key!r} is given twice in the same "
+                         f"section (first at line {dup.first}); keep one of them") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise UsageError(f"recipe {str(path)!r} is not valid YAML{line}; fix the file") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UsageError(f"recipe {str(path)!r} must be a mapping of sections (task:, optim:, ...)")
+        raise UsageError(f"recipe {name!r} is not valid YAML{line}; fix the file") from None
+    finally:
+        loader.dispose()
+    if not raw:
+        raise UsageError(f"recipe {name!r} is empty (line 1); a recipe needs at least a task: or optim: "
+                         f"section (see recipes/mnist1d.yaml)")
     return raw
 
 

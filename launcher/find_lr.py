@@ -16,7 +16,8 @@ printed as a second opinion. Both are reported as the recipe's `optim.lr`, i.e. 
 plan's `lr_scale` when `optim.lr_scaling` is on, so `--apply` writes a value that trains the same.
 
 Nothing touches the recipe or a real run: results go to a new `--output_dir` (lr_find.json,
-lr_find.png) and `--apply out.yaml` writes a new file. See docs/find_lr.md.
+lr_find.png, or `--plot PATH`) and `--apply out.yaml` writes a new file, keeping the recipe's
+comments (a round-trip YAML edit). See docs/find_lr.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from launcher.errors import UsageError, run_cli
+from launcher.output import check_dir, check_file, check_plot, make_parents, makedirs
 
 RESULT_FILE = "lr_find.json"
 
@@ -121,71 +122,19 @@ def suggest(lrs: list[float], smoothed: list[float], skip_start: int, skip_end: 
 # ---------------------------------------------------------------------------------------------
 
 
-def _yaml_scalar(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True).strip()
-    return text.removesuffix("...").strip()
+def _pyyaml_float(representer: Any, value: float) -> Any:
+    """A float written so that PyYAML (YAML 1.1, the recipe loader) reads it back as a float: 1.0e-05,
+    not ruamel's 1e-05, which YAML 1.1 reads as a string."""
+    text = yaml.safe_dump(value).strip().removesuffix("...").strip()
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
-def _set_in_text(text: str, dotted_key: str, value: Any) -> str | None:
-    """Set `a.b.c: value` in block-style YAML text by editing (or inserting) one line.
-
-    Returns None when the layout is not understood (flow style, anchors, multi-line values); the
-    caller then checks every result by parsing it and falls back to a plain YAML dump.
-    """
-    lines = text.splitlines(keepends=True)
-    start, stop, indent = 0, len(lines), ""
-    parts = dotted_key.split(".")
-    for depth, part in enumerate(parts):
-        found = None
-        child_indent = None
-        for i in range(start, stop):
-            line = lines[i]
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            this_indent = line[: len(line) - len(line.lstrip())]
-            if child_indent is None:
-                if len(this_indent) < len(indent) or (depth and len(this_indent) == len(indent)):
-                    break
-                child_indent = this_indent
-            if this_indent != child_indent:
-                continue
-            match = re.match(rf"{re.escape(child_indent)}{re.escape(part)}\s*:(?=\s|$)", line)
-            if match:
-                found = i
-                break
-        if child_indent is None:
-            child_indent = indent + ("  " if depth else "")
-        if found is None:
-            # Insert the missing rest of the path right after the section header (or at the end).
-            block = ""
-            for d, name in enumerate(parts[depth:]):
-                pad = child_indent + "  " * d
-                is_leaf = depth + d == len(parts) - 1
-                block += f"{pad}{name}: {_yaml_scalar(value)}\n" if is_leaf else f"{pad}{name}:\n"
-            at = start if depth else len(lines)
-            if at == len(lines) and lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            lines.insert(at, block)
-            return "".join(lines)
-        line = lines[found]
-        if depth == len(parts) - 1:
-            match = re.match(rf"({re.escape(child_indent)}{re.escape(part)}\s*:[ \t]*)([^#\n]*?)([ \t]*#.*)?(\r?\n)?$",
-                             line)
-            if match is None or match.group(2).strip() in ("", "|", ">") or match.group(2).strip()[0] in "&*[{":
-                return None
-            lines[found] = f"{match.group(1)}{_yaml_scalar(value)}{match.group(3) or ''}{match.group(4) or ''}"
-            return "".join(lines)
-        rest = line.split(":", 1)[1].split("#", 1)[0].strip()
-        if rest:  # `optim: {lr: 1}` or an anchor: not a block section
-            return None
-        start, indent = found + 1, child_indent
-        stop = len(lines)
-        for i in range(start, len(lines)):
-            s = lines[i]
-            if s.strip() and not s.lstrip().startswith("#") and len(s) - len(s.lstrip()) <= len(child_indent):
-                stop = i
-                break
-    return None
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _set_in_tree(tree: dict, dotted_key: str, value: Any) -> None:
@@ -199,22 +148,43 @@ def _set_in_tree(tree: dict, dotted_key: str, value: Any) -> None:
 def recipe_with(recipe_path: str, values: dict[str, Any]) -> tuple[str, bool]:
     """The recipe's text with each dotted key set; (text, comments_kept).
 
-    Edits lines in place when the result parses to exactly the intended recipe; otherwise dumps
-    the intended recipe as plain YAML (comments are lost).
+    A round-trip YAML edit (ruamel.yaml): comments, key order, flow style and quoting of everything
+    else are kept; a missing key is added at the end of its section (sections are created). The
+    result must load to exactly the intended recipe, else the intended recipe is dumped as plain
+    YAML (comments lost).
     """
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
     from launcher.config import read_recipe
 
     original = Path(recipe_path).read_text()
     intended = read_recipe(recipe_path)
     for key, value in values.items():
-        _set_in_tree(intended, key, value)
-    text: str | None = original
-    for key, value in values.items():
-        text = _set_in_text(text, key, value) if text is not None else None
+        _set_in_tree(intended, key, _plain(value))
     try:
-        if text is not None and yaml.safe_load(text) == intended:
+        rt = YAML()
+        rt.preserve_quotes = True
+        rt.width = 4096
+        rt.indent(mapping=2, sequence=4, offset=2)
+        rt.representer.add_representer(float, _pyyaml_float)
+        doc = rt.load(original)
+        for key, value in values.items():
+            *sections, leaf = key.split(".")
+            node = doc
+            for name in sections:
+                if not isinstance(node.get(name), dict):
+                    node[name] = CommentedMap()
+                node = node[name]
+            node[leaf] = _plain(value)
+        stream = io.StringIO()
+        rt.dump(doc, stream)
+        text = stream.getvalue()
+        if yaml.safe_load(text) == intended:
             return text, True
-    except yaml.YAMLError:
+    except Exception:  # any layout ruamel cannot round-trip: fall back to a plain dump below
         pass
     return yaml.safe_dump(intended, sort_keys=False, default_flow_style=None), False
 
@@ -236,8 +206,12 @@ def _check_apply(path: str) -> str | None:
     if os.path.exists(path):
         return f"--apply {path!r} already exists; choose a new file name (nothing is overwritten)"
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+    if not os.path.exists(parent):
         return f"--apply {path!r}: directory {parent!r} does not exist; create it or choose another path"
+    try:
+        check_file(path, "--apply")
+    except UsageError as err:
+        return str(err)
     return None
 
 
@@ -414,7 +388,7 @@ def _validate(start_lr: Any, end_lr: Any, num_steps: Any, beta: Any, diverge_fac
 
 
 def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0, num_steps: int = 300,
-         plot: str = "lr_find.png", output_dir: str | None = None, apply: str | None = None,
+         plot: str | None = None, output_dir: str | None = None, apply: str | None = None,
          beta: float = 0.98, diverge_factor: float = 4.0, **overrides: Any) -> None:
     """LR range test: sweep the LR exponentially over a short run and suggest a base optim.lr.
 
@@ -424,7 +398,8 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
       end_lr: LR of the last step (the test stops earlier if the loss diverges).
       num_steps: optimizer steps of the sweep (after gradient accumulation; at least 10). Fewer
         steps make the suggestion noisier and higher (docs/find_lr.md).
-      plot: file name of the loss-vs-LR plot inside output_dir; '' or none to skip it.
+      plot: where to write the loss-vs-LR plot (any path; its directory is created); default
+        lr_find.png inside output_dir; '' or none to skip it.
       output_dir: where lr_find.json and the plot go; default runs/find_lr-<recipe>-<timestamp>.
         An existing non-empty directory is refused.
       apply: write a copy of the recipe (with any --a.b=v overrides) with optim.lr set to the
@@ -437,13 +412,26 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
 
     if recipe is None:
         raise UsageError("--recipe is required, e.g. python -m launcher.find_lr --recipe recipes/mnist1d.yaml")
+    if not isinstance(recipe, str):
+        raise UsageError(f"--recipe needs a file name, e.g. --recipe recipes/mnist1d.yaml; got {recipe!r}")
     start_lr, end_lr, num_steps, beta, diverge_factor = _validate(start_lr, end_lr, num_steps, beta, diverge_factor)
+    for flag, value in (("output_dir", output_dir), ("apply", apply)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise UsageError(f"--{flag} needs a path; got {value!r}")
     cfg = load_config(recipe, overrides)
-    plot_name = "" if plot is None or str(plot).strip().lower() in ("", "none", "false") else str(plot)
-    if plot_name and (os.path.isabs(plot_name) or ".." in Path(plot_name).parts):
-        raise UsageError(f"--plot {plot!r} must be a file name inside --output_dir, e.g. lr_find.png")
-    if plot_name == RESULT_FILE:
-        raise UsageError(f"--plot must not be {RESULT_FILE!r} (that file holds the numbers); use lr_find.png")
+    from launcher.train import check_data_root
+
+    check_data_root(cfg)
+    skip_plot = plot is False or (isinstance(plot, str) and plot.strip().lower() in ("", "none", "false"))
+    if plot is not None and not skip_plot and not isinstance(plot, str):
+        raise UsageError(f"--plot needs a file name, e.g. --plot lr_find.png (or none); got {plot!r}")
+    plot_path = None if skip_plot or plot is None else str(plot)
+    if plot_path is not None:
+        check_plot(plot_path, "--plot")
+    if output_dir is not None:
+        check_dir(output_dir, "--output_dir")
+    else:
+        check_dir("runs", "--output_dir")
     for problem in (_check_apply(str(apply)) if apply is not None else None,
                     _check_output_dir(str(output_dir)) if output_dir is not None else None):
         if problem:
@@ -487,13 +475,14 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
     problem = _check_output_dir(run_dir)  # it may have appeared while the test ran
     if problem:
         raise UsageError(problem)
-    os.makedirs(run_dir, exist_ok=True)
+    makedirs(run_dir, "--output_dir")
     with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
         json.dump(result, f, indent=2)
-    if plot_name:
-        plot_path = os.path.join(run_dir, plot_name)
-        os.makedirs(os.path.dirname(plot_path), exist_ok=True)
-        plot_curve(result, plot_path, f"LR range test: {cfg.name or 'recipe'}, global batch {plan.global_batch}")
+    if plot_path is None and not skip_plot:
+        plot_path = os.path.join(run_dir, "lr_find.png")
+    if plot_path is not None:
+        plot_curve(result, make_parents(plot_path, "--plot"),
+                   f"LR range test: {cfg.name or 'recipe'}, global batch {plan.global_batch}")
     if found is None:
         raise UsageError(
             f"no suggestion: the test stopped after {len(curve['lrs'])} of {num_steps} steps ({curve['stop_reason']}); "
@@ -503,7 +492,7 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
     print(f"suggested lr: {result['suggestion']:.3g}{scaled}", flush=True)
     print(f"minimum / 10: {result['min_lr_div_10']:.3g} (second opinion; smoothed loss is lowest at "
           f"{curve['lrs'][found.min_index] / scale:.3g})", flush=True)
-    print(f"results: {os.path.join(run_dir, RESULT_FILE)}" + (f", plot: {plot_path}" if plot_name else ""),
+    print(f"results: {os.path.join(run_dir, RESULT_FILE)}" + (f", plot: {plot_path}" if plot_path else ""),
           flush=True)
     if apply is not None:
         _write_recipe(str(recipe), str(apply), overrides, float(f"{result['suggestion']:.3g}"))

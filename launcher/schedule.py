@@ -15,6 +15,8 @@ Conventions (all counts are optimizer updates, after gradient accumulation):
   validation metric that every rank computed over the whole validation set. It follows
   torch.optim.lr_scheduler.ReduceLROnPlateau step for step (best, bad epochs, cooldown), except
   that epochs spent in warmup (ending at or before its last step) never count as bad.
+  `plateau.style: keras` follows Keras' ReduceLROnPlateau instead (`Plateau._step_keras`).
+- `granularity: epoch`: one LR per epoch, as Keras callbacks set it at epoch starts (`_epoch_lr`).
 
 The scheduler is stepped once per optimizer update by the trainer and is never passed to
 `accelerator.prepare` (which would step it once per process: accelerate#2318).
@@ -29,6 +31,7 @@ import math
 from typing import Any
 
 from launcher.config import PlateauConfig, ScheduleConfig
+from launcher.errors import UsageError
 
 # ---------------------------------------------------------------------------------------------
 # The smooth part: a pure function of the optimizer step.
@@ -44,6 +47,8 @@ def warmup_factor(k: int, warmup_steps: int, start_factor: float) -> float:
 def scheduled_lr(k: int, base_lr: float, cfg: ScheduleConfig, warmup_steps: int, steps_per_epoch: int,
                  total_steps: int) -> float:
     """LR used by optimizer step k (1-based), before any plateau reduction."""
+    if cfg.granularity == "epoch":
+        return _epoch_lr(k, base_lr, cfg, warmup_steps, steps_per_epoch)
     if k <= warmup_steps:
         return base_lr * warmup_factor(k, warmup_steps, cfg.warmup_start_factor)
     done = k - 1 - warmup_steps
@@ -62,9 +67,26 @@ def scheduled_lr(k: int, base_lr: float, cfg: ScheduleConfig, warmup_steps: int,
     return max(cfg.min_lr, lr)
 
 
+def _epoch_lr(k: int, base_lr: float, cfg: ScheduleConfig, warmup_steps: int, steps_per_epoch: int) -> float:
+    """Granularity `epoch`: one LR per epoch, as a Keras callback sets it at the epoch's start.
+
+    Epoch e (1-based, the epoch step k belongs to) uses base x (s + (1 - s) x e / W) for e <= W warmup
+    epochs, then base x decay_rate ** (e - W) (exponential) or base (constant), floored at min_lr.
+    """
+    epoch = (k - 1) // steps_per_epoch + 1
+    warmup_epochs = round(warmup_steps / steps_per_epoch)
+    if epoch <= warmup_epochs:
+        s = cfg.warmup_start_factor
+        return base_lr * (s + (1.0 - s) * epoch / warmup_epochs)
+    lr = base_lr * cfg.decay_rate ** (epoch - warmup_epochs) if cfg.decay == "exponential" else base_lr
+    return max(cfg.min_lr, lr)
+
+
 def phase(k: int, cfg: ScheduleConfig, warmup_steps: int) -> str:
     if k <= warmup_steps:
         return "warmup"
+    if cfg.granularity == "epoch":
+        return cfg.decay + " per epoch"
     return cfg.decay + (" staircase" if cfg.decay == "exponential" and cfg.staircase else "")
 
 
@@ -74,7 +96,11 @@ def phase(k: int, cfg: ScheduleConfig, warmup_steps: int) -> str:
 
 
 class Plateau:
-    """ReduceLROnPlateau as a multiplicative factor, with all of its state in `state_dict`."""
+    """ReduceLROnPlateau as a multiplicative factor, with all of its state in `state_dict`.
+
+    `style: torch` follows torch.optim.lr_scheduler.ReduceLROnPlateau, `style: keras` follows Keras'
+    ReduceLROnPlateau callback (keras/src/callbacks/reduce_lr_on_plateau.py): see `step`.
+    """
 
     def __init__(self, cfg: PlateauConfig):
         self.cfg = cfg
@@ -89,6 +115,8 @@ class Plateau:
         c = self.cfg
         if math.isnan(value):
             return False
+        if c.style == "keras":
+            return value < self.best - c.min_delta if c.mode == "min" else value > self.best + c.min_delta
         if c.mode == "min":
             limit = self.best * (1 - c.threshold) if c.threshold_mode == "rel" else self.best - c.threshold
             return value < limit
@@ -102,6 +130,8 @@ class Plateau:
         to keep reductions above `min_lr`. `counts=False` (inside warmup) only tracks the best value.
         """
         self.last_epoch = epoch
+        if self.cfg.style == "keras":
+            return self._step_keras(value, scheduled_lr, counts)
         if self.is_better(value):
             self.best = value
             self.num_bad_epochs = 0
@@ -124,6 +154,39 @@ class Plateau:
         self.factor = new
         self.num_reductions += 1
         return (f"plateau: {self.cfg.metric} has not improved for {bad} epochs (best {self.best:.4g}); "
+                f"LR {scheduled_lr * old:.2e} -> {scheduled_lr * new:.2e}")
+
+    def _step_keras(self, value: float, scheduled_lr: float, counts: bool) -> str | None:
+        """Keras' on_epoch_end: the cooldown ticks first (and clears the bad-epoch count); an improvement
+        resets the count; otherwise, outside cooldown, a bad epoch is counted and the LR drops once
+        `patience` of them are reached, if it is above min_lr (then cooldown starts and the count clears)."""
+        c = self.cfg
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.is_better(value):
+            self.best = value
+            self.num_bad_epochs = 0
+            return None
+        if self.cooldown_counter > 0 or not counts:
+            return None
+        self.num_bad_epochs += 1
+        if self.num_bad_epochs < c.patience:
+            return None
+        old = self.factor
+        if not scheduled_lr * old > c.min_lr:
+            return None  # Keras leaves the count running when the LR is already at min_lr
+        bad = self.num_bad_epochs
+        new = old * c.factor
+        if scheduled_lr > 0:
+            new = max(new, c.min_lr / scheduled_lr)
+        self.cooldown_counter = c.cooldown
+        self.num_bad_epochs = 0
+        if old - new <= 1e-12:
+            return None
+        self.factor = new
+        self.num_reductions += 1
+        return (f"plateau: {c.metric} has not improved for {bad} epochs (best {self.best:.4g}); "
                 f"LR {scheduled_lr * old:.2e} -> {scheduled_lr * new:.2e}")
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,53 +323,88 @@ def _plot(steps: list[float], steps_per_epoch: int, title: str, path: str) -> No
     plt.close(fig)
 
 
+def whole_number(flag: str, value: Any, minimum: int) -> int:
+    """A command-line count: an integer (or a whole float such as 1e3) >= minimum, else UsageError."""
+    number: float | None = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+    if number is None or not math.isfinite(number) or not number.is_integer() or number < minimum:
+        raise UsageError(f"--{flag} must be a whole number >= {minimum}; got {value!r}")
+    return int(number)
+
+
+FORMATS = ("table", "json")
+
+
 def main(recipe: str | None = None, steps_per_epoch: int | None = None, num_epochs: int | None = None,
-         num_processes: int = 1, plot: str | None = None, json: bool = False, **overrides: Any) -> None:
+         num_processes: int = 1, plot: str | None = None, format: str = "table", json: bool = False,
+         **overrides: Any) -> None:
     """Preview the exact LR of every optimizer step of a recipe (same code as the trainer).
 
     Args:
-      recipe: recipe YAML.
+      recipe: recipe YAML. Required.
       steps_per_epoch: optimizer steps per epoch; default derived from the recipe's data and batch.
       num_epochs: override train.num_epochs for the preview.
       num_processes: processes the run will use (changes the global batch, LR scaling, steps per epoch).
-      plot: write a PNG of LR against epoch.
-      json: print {"steps": [...], "epochs": [...]} instead of the table.
+      plot: write a PNG of LR against epoch to this path (its directory is created).
+      format: `table` (the plan and one line per epoch) or `json` ({"steps": [...], "epochs": [...]}).
+      json: the same as --format json.
       overrides: dotted recipe overrides, e.g. --optim.lr=0.005.
     """
     import dataclasses
 
     from launcher.config import load_config
-    from launcher.errors import UsageError
+    from launcher.output import check_plot, make_parents
     from launcher.plan import make_plan
 
+    if recipe is None or not isinstance(recipe, str):
+        raise UsageError("--recipe is required, e.g. python -m launcher.schedule --recipe recipes/mnist1d.yaml")
+    if json is True:
+        format = "json"
+    elif json is not False:
+        raise UsageError(f"--json takes no value (or use --format json); got {json!r}")
+    if format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
+    num_processes = whole_number("num_processes", num_processes, 1)
+    if steps_per_epoch is not None:
+        steps_per_epoch = whole_number("steps_per_epoch", steps_per_epoch, 1)
     if num_epochs is not None:
-        overrides["train.num_epochs"] = num_epochs
+        overrides["train.num_epochs"] = whole_number("num_epochs", num_epochs, 1)
+    if plot is not None:
+        if not isinstance(plot, str):
+            raise UsageError(f"--plot needs a file name, e.g. --plot lr.png; got {plot!r}")
+        check_plot(plot, "--plot")
     cfg = load_config(recipe, overrides)
     if steps_per_epoch is not None:
-        if int(steps_per_epoch) < 1:
-            raise UsageError(f"--steps_per_epoch must be >= 1; got {steps_per_epoch}")
         global_batch = cfg.train.batch_size * num_processes * cfg.train.grad_accum_steps
-        num_samples = int(steps_per_epoch) * global_batch
+        num_samples = steps_per_epoch * global_batch
     else:
         from launcher.tasks import build_task
+        from launcher.train import check_data_root
 
+        check_data_root(cfg)
         num_samples = len(build_task(cfg.task, cfg.data).train_set)
     plan = make_plan(cfg, num_processes, num_samples)
     result = preview(cfg.schedule, plan.base_lr, plan.warmup_steps, plan.steps_per_epoch, plan.total_steps)
     if plot:
-        _plot(result["steps"], plan.steps_per_epoch, f"{cfg.name or 'recipe'}: LR schedule", plot)
-    if json:
+        _plot(result["steps"], plan.steps_per_epoch, f"{cfg.name or 'recipe'}: LR schedule",
+              make_parents(plot, "--plot"))
+    if format == "json":
         print(_json_dumps({"steps": result["steps"],
                            "epochs": [{"epoch": e["epoch"], "lr": e["lr"]} for e in result["epochs"]]}))
         return
     for line in plan.describe()[1:]:
         print(line)
     for row in result["epochs"]:
-        print(f"Epoch {row['epoch']}: {row['lr']:.6g} ({row['phase']})")
+        print(f"Epoch {row['epoch']}: {row['lr']:.4g} ({row['phase']})")
     if cfg.schedule.plateau.enabled:
         p = dataclasses.asdict(cfg.schedule.plateau)
-        print(f"note: plateau reduction (metric {p['metric']}, factor {p['factor']}, patience {p['patience']}, "
-              f"cooldown {p['cooldown']}) depends on validation metrics and is not in this preview")
+        print(f"note: plateau reduction ({p['style']} style, metric {p['metric']}, factor {p['factor']}, "
+              f"patience {p['patience']}, cooldown {p['cooldown']}) depends on validation metrics and is not "
+              f"in this preview")
     if plot:
         print(f"plot: {plot}")
 

@@ -261,6 +261,9 @@ def make_spec(recipe: str, nodes: int, gpus_per_node: int, time_limit: str, *, p
     else:
         run_dir = Path(output_dir).resolve()
     _sbatch_path("--output_dir", run_dir)
+    from launcher.output import check_dir
+
+    check_dir(str(run_dir), "--output_dir")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UsageError(f"run directory {str(run_dir)!r} already exists and is not empty; choose another "
                          f"--output_dir (an existing run is never overwritten)")
@@ -355,13 +358,28 @@ def render(spec: JobSpec) -> str:
 def write(spec: JobSpec, script: str) -> Path:
     """Create the run directory's slurm/ folder with the script and the recipe copy."""
     slurm_dir = spec.script_path.parent
-    slurm_dir.mkdir(parents=True, exist_ok=True)
-    if spec.script_path.exists():
-        raise UsageError(f"{spec.script_path} already exists; choose another --output_dir")
-    shutil.copyfile(spec.recipe, spec.recipe_copy)
-    spec.script_path.write_text(script)
-    spec.script_path.chmod(0o755)
+    created = _first_missing(slurm_dir)
+    try:
+        slurm_dir.mkdir(parents=True, exist_ok=True)
+        if spec.script_path.exists():
+            raise UsageError(f"{spec.script_path} already exists; choose another --output_dir")
+        shutil.copyfile(spec.recipe, spec.recipe_copy)
+        spec.script_path.write_text(script)
+        spec.script_path.chmod(0o755)
+    except OSError as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise UsageError(f"--output_dir {str(spec.run_dir)!r}: cannot write {err.filename or slurm_dir} "
+                         f"({err.strerror}); choose another --output_dir") from None
     return spec.script_path
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost directory that creating `path` creates (removed again if writing fails)."""
+    missing = None
+    while not path.exists() and path.parent != path:
+        missing, path = path, path.parent
+    return missing
 
 
 def submit(spec: JobSpec, script_path: Path) -> str:
@@ -445,8 +463,34 @@ def launch(argv: list[str]) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --node is a typo, not --nodes
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:  # one line and exit 2, like every other user error
-        raise UsageError(f"{message} (see python -m launcher.slurm {{render,submit}} --help)")
+        hint = self._near_miss(message)
+        raise UsageError(f"{message}{hint} (see {self.prog.split(' render')[0].split(' submit')[0]} "
+                         f"{{render,submit}} --help)")
+
+    def _near_miss(self, message: str) -> str:
+        import difflib
+
+        match = re.search(r"unrecognized arguments: (\S+)", message)
+        if not match:
+            return ""
+        flag = match.group(1).split("=", 1)[0].replace("-", "_").lstrip("_")
+        options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for action in self._actions:
+            for parser in (getattr(action, "choices", None) or {}).values():
+                if isinstance(parser, argparse.ArgumentParser):
+                    options += [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        if "." in flag:
+            return "; training overrides go after a bare --, e.g. -- --optim.lr=0.005"
+        close = difflib.get_close_matches(f"--{flag}", sorted(set(options)), n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
+
+
+PROG = "python -m launcher.slurm"
 
 
 _EPILOG = """\
@@ -456,8 +500,8 @@ Training overrides go after a bare `--` and are handed to launcher.train unchang
 They are read the way the trainer's fire reads them and checked against the recipe first."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m launcher.slurm", description="Render or submit a Slurm job for a recipe.",
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Render or submit a Slurm job for a recipe.",
                      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="{render,submit}", parser_class=_Parser)
     for name, help_text in (("render", "write <run dir>/slurm/job.sbatch and print its path"),
@@ -487,13 +531,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The command line; returns the exit status (UsageError escapes to the caller)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:
         return launch(argv[1:])
+    from launcher.output import install_warnings
+
+    install_warnings()
     own, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(own)
     if args.command is None:
         parser.print_help()

@@ -11,8 +11,9 @@ import shutil
 import time
 from typing import Any
 
-from launcher.config import load_config, to_yaml
+from launcher.config import Config, TrackingConfig, load_config, to_yaml
 from launcher.errors import UsageError, run_cli
+from launcher.output import check_dir, makedirs, warn
 
 
 def main(recipe: str | None = None, output_dir: str | None = None, resume: str | None = None,
@@ -31,10 +32,16 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
     """
     if recipe is None and not print_config:
         raise UsageError("--recipe is required, e.g. python -m launcher.train --recipe recipes/mnist1d.yaml")
+    if recipe is not None and not isinstance(recipe, str):
+        raise UsageError(f"--recipe needs a file name, e.g. --recipe recipes/mnist1d.yaml; got {recipe!r}")
     cfg = load_config(recipe, overrides)
     if print_config:
         print(to_yaml(cfg), end="")
         return
+    if resume is not None and not isinstance(resume, str):
+        raise UsageError(f"--resume needs a value: auto or a checkpoint directory; got {resume!r}")
+    if output_dir is not None and (not isinstance(output_dir, str) or not output_dir.strip()):
+        raise UsageError(f"--output_dir needs a directory name, e.g. --output_dir runs/my-run; got {output_dir!r}")
     if resume is not None and resume != "auto" and not os.path.exists(str(resume)):
         raise UsageError(f"--resume: checkpoint {resume!r} not found; pass --resume auto or a checkpoint directory")
     if resume not in (None, "auto") and output_dir is None:
@@ -42,6 +49,8 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         parent = os.path.dirname(os.path.abspath(str(resume)))
         if os.path.basename(parent) == "checkpoints":
             output_dir = os.path.dirname(parent)
+    check_dir(output_dir or "runs", "--output_dir")
+    check_task(cfg)
 
     from launcher.distributed import make_accelerator, shutdown
 
@@ -96,8 +105,57 @@ def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str |
     if problem:
         raise UsageError(problem)
     if accelerator.is_main_process:
-        os.makedirs(path, exist_ok=True)
+        makedirs(path, "--output_dir")
     return path, created
+
+
+def check_data_root(cfg: Config) -> None:
+    """data.root must be a directory, or creatable (a file there ends in a traceback inside the task)."""
+    if cfg.data.root:
+        check_dir(cfg.data.root, "--data.root")
+
+
+def validation_metric_names(task) -> set[str]:
+    """The `val/...` names evaluation will report for `task`: its metrics on two validation samples."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(task.val_set, batch_size=min(2, len(task.val_set)), collate_fn=task.collate_fn)
+    inputs, targets = task.split(next(iter(loader)))
+    model = task.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        values = task.metrics(model(inputs), targets)
+    model.train(was_training)
+    names = set(values)
+    if task.finalize is not None:
+        names |= set(task.finalize(dict.fromkeys(values, 1.0)))
+    return {f"val/{name}" for name in names}
+
+
+def check_task(cfg: Config) -> None:
+    """Checks that need the task, done before any run directory exists: data.root, the plateau metric
+    and the target metric must name what this task's evaluation reports."""
+    check_data_root(cfg)
+    plateau = cfg.schedule.plateau
+    default_target = cfg.tracking.target_metric == TrackingConfig.target_metric
+    if not plateau.enabled and (default_target or not cfg.tracking.targets):
+        return
+    from launcher.tasks import build_task
+
+    names = validation_metric_names(build_task(cfg.task, cfg.data))
+    have = ", ".join(sorted(names))
+    if plateau.enabled and plateau.metric not in names:
+        raise UsageError(f"schedule.plateau.metric: {plateau.metric!r} is not a validation metric of task "
+                         f"{cfg.task.name!r}; use one of {have}")
+    target = cfg.tracking.target_metric
+    if cfg.tracking.targets and target not in names:
+        if not default_target:
+            raise UsageError(f"tracking.target_metric: {target!r} is not a validation metric of task "
+                             f"{cfg.task.name!r}; use one of {have}")
+        warn(f"tracking.target_metric {target!r} is not a validation metric of task {cfg.task.name!r} "
+             f"({have}); summary.json records no targets")
 
 
 def _first_missing(path: str) -> str | None:

@@ -117,10 +117,11 @@ def test_apply_edits_only_the_changed_lines(tmp_path):
                                          "train.seed": 7})
     assert kept
     lines = text.splitlines()
-    assert lines[lines.index("train:") + 1] == "  seed: 7"  # a missing key goes under its section
+    assert lines[lines.index("train:") + 2] == "  seed: 7"  # a missing key goes at the end of its section
     lines.remove("  seed: 7")
     changed = [(a, b) for a, b in zip(COMMENTED.splitlines(), lines, strict=True) if a != b]
-    assert changed == [("  lr: 5.0e-3      # tuned by hand", "  lr: 0.00123      # tuned by hand"),
+    # The comment stays in its column (round-trip YAML keeps comments where they were).
+    assert changed == [("  lr: 5.0e-3      # tuned by hand", "  lr: 0.00123     # tuned by hand"),
                        ("    patience: 3", "    patience: 5")]
     out = tmp_path / "out.yaml"
     out.write_text(text)
@@ -140,12 +141,14 @@ def test_apply_inserts_a_missing_lr_and_section(tmp_path):
     assert yaml.safe_load(text) == {"train": {"batch_size": 16}, "optim": {"lr": 0.1}}
 
 
-def test_apply_falls_back_to_a_plain_dump_for_flow_style(tmp_path):
+def test_apply_keeps_flow_style_and_comments(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("# gone\noptim: {name: adamw, lr: 0.005}\n")
-    text, kept = recipe_with(str(path), {"optim.lr": 0.02})
-    assert not kept
-    assert yaml.safe_load(text) == {"optim": {"name": "adamw", "lr": 0.02}}
+    path.write_text("# kept\noptim: {name: adamw, lr: 0.005}  # flow\ntrain:\n  batch_size: 16\n")
+    text, kept = recipe_with(str(path), {"optim.lr": 2e-05, "optim.betas": (0.9, 0.95)})
+    assert kept and "# kept" in text and "# flow" in text
+    assert yaml.safe_load(text) == {"optim": {"name": "adamw", "lr": 2e-05, "betas": [0.9, 0.95]},
+                                    "train": {"batch_size": 16}}
+    assert isinstance(yaml.safe_load(text)["optim"]["lr"], float)  # 2.0e-05, which YAML 1.1 reads as a float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +167,8 @@ def test_apply_falls_back_to_a_plain_dump_for_flow_style(tmp_path):
         (["--recipe", RECIPE, "--num_steps", "abc"], ["--num_steps"]),
         (["--recipe", RECIPE, "--beta", "1"], ["--beta"]),
         (["--recipe", RECIPE, "--optim.lrr=0.1"], ["optim.lrr", "did you mean optim.lr?"]),
-        (["--recipe", RECIPE, "--plot", "/tmp/x.png"], ["--plot", "inside --output_dir"]),
+        (["--recipe", RECIPE, "--plot", "/dev/null/x.png"], ["--plot", "is a file, not a directory"]),
+        (["--recipe", RECIPE, "--output_dir", "/dev/null/out"], ["--output_dir", "is a file, not a directory"]),
         (["--recipe", RECIPE, "--apply", "no_such_dir/out.yaml"], ["--apply", "does not exist"]),
         (["--recipe", RECIPE, "--train.batch_size=5000"], ["train.batch_size", "lower"]),
     ],

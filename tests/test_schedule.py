@@ -224,3 +224,13 @@ def test_preview_cli_errors():
     r = run_preview("--recipe", "recipes/mnist1d.yaml", "--optim.lr=-1")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "optim.lr" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_preview_plot_creates_its_directory_and_format_json(tmp_path, capsys):
+    from launcher.schedule import main
+
+    plot = tmp_path / "new" / "deeper" / "lr.png"
+    main(recipe="recipes/mnist1d.yaml", steps_per_epoch=10, num_epochs=2, plot=str(plot), format="json")
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["steps"]) == 20
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
