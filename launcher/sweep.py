@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.slurm_array import submit_array
 
         tasks = [(out.resolve() / p.name, [*common, *p.override_tokens(), wandb_tags(p)]) for p in points]
-        if not submit_array(args, out, tasks, rest, again):
+        if not submit_array(args, out, tasks, rest, again, state):
             return 0  # submitted (or printed with --dry_run); the report comes when the same command runs again
     else:
         prefix = launch_prefix(args.accelerate_config, args.num_processes)
