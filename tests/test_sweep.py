@@ -43,6 +43,7 @@ def best_of(run_dir: Path) -> float:
     return max(r["val/accuracy"] for r in rows if "val/accuracy" in r)
 
 
+@pytest.mark.slow
 def test_sweep_interrupted_continues_then_reruns_nothing(tmp_path):
     out = tmp_path / "sw"
     cmd = sweep_cmd(*GRID, "--output_dir", str(out), *TINY)
@@ -109,6 +110,7 @@ def test_sweep_interrupted_continues_then_reruns_nothing(tmp_path):
     assert all("optim.lr=" in g["label"] and "schedule.decay_rate=" in g["label"] for g in groups)
 
 
+@pytest.mark.slow
 def test_parallel_runs_with_accelerate_config_and_group_and_tags(tmp_path):
     out = tmp_path / "par"
     proc = run(sweep_cmd("--grid", "optim.lr=5e-3,2e-2", "--parallel", "2", "--accelerate_config",
