@@ -50,10 +50,12 @@ def load_runs(spec: str) -> list[Run]:
     if path.is_dir():
         if (path / "metrics.jsonl").is_file():
             return [read_local(path)]
+        children = run_dirs_in(path)
+        if children and (path / "sweep.json").is_file():  # a sweep (its own W&B summary run aside)
+            return [read_local(child) for child in children]
         offline = _offline_runs(path)
         if offline:
             return [read_wandb_offline(files) for files in offline]
-        children = run_dirs_in(path)
         if children:
             return [read_local(child) for child in children]
         raise UsageError(f"run {spec!r} has no metrics.jsonl, no W&B offline run (wandb/offline-run-*) and no run "

@@ -191,7 +191,8 @@ def _log_wandb(out: Path, cfg, result: dict[str, Any], plot_path: Path, group: s
         w = cfg.tracking.wandb
         run = wandb.init(project=w.project, entity=w.entity or None, group=group or out.resolve().name, job_type="sweep",
             name=f"{out.resolve().name}-sweep", dir=str(out), mode=mode, tags=["sweep"],
-            config={"sweep.keys": result["keys"], "sweep.metric": result["metric"], "sweep.best": result["best"]})
+            config={"sweep.keys": result["keys"], "sweep.metric": result["metric"], "sweep.best": result["best"]},
+            settings=wandb.Settings(quiet=True))
         keys = result["keys"]
         columns = [*keys, "n", "best_mean", "best_std", f"steps_to_{result['target']:g}_mean"]
         rows = [[p["values"][k] for k in keys] + [p["n"], p["stats"]["best"]["mean"], p["stats"]["best"]["std"],

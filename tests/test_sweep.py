@@ -190,3 +190,28 @@ def test_help_lists_the_options():
     assert proc.returncode == 0
     for option in ("--grid", "--random", "--seeds", "--parallel", "--slurm", "--apply", "--dry_run"):
         assert option in proc.stdout
+
+
+@pytest.mark.slow
+def test_wandb_offline_one_group_tags_and_the_sweep_table(tmp_path):
+    from launcher.runs import load_runs, read_wandb_records
+
+    out = tmp_path / "wb"
+    proc = run(sweep_cmd("--grid", "optim.lr=2e-2", "--output_dir", str(out), "--tracking.wandb.enabled=true",
+                         "--train.num_epochs=1", "--task.options.num_train=256", "--task.options.num_test=128"),
+               timeout=300, WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [train_log] = (out / "lr0.02-seed0" / "wandb").glob("offline-run-*/run-*.wandb")
+    [sweep_log] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    runs = {}
+    for path in (train_log, sweep_log):
+        records = list(read_wandb_records(path))
+        [meta] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        keys = {i.key or ".".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+                for i in r.history.item}
+        runs[meta.job_type] = (meta.run_group, set(meta.tags), keys)
+    assert runs["train"][:2] == ("wb", {"sweep", "optim.lr=0.02"})
+    assert runs["sweep"][0] == "wb"
+    assert any(k.startswith("sweep/table") for k in runs["sweep"][2])
+    assert any(k.startswith("sweep/plot") for k in runs["sweep"][2])
+    assert [r.name for r in load_runs(str(out))] == ["lr0.02-seed0"]  # the sweep's own W&B run is not a run
