@@ -95,14 +95,20 @@ def _prepare(job: Job, tag: str) -> list[str] | None:
     return []
 
 
-def _new_group() -> None:
-    """In the child: its own process group (Ctrl-C reaches only the orchestrator), and SIGTERM if
-    the orchestrator dies (Linux), so an orphaned training checkpoints and stops."""
-    os.setpgrp()
-    with contextlib.suppress(Exception):
+def _death_signal():
+    """A child-side hook: SIGTERM the training when the orchestrator dies (Linux), so an orphaned
+    training checkpoints and stops. libc is loaded here, in the parent, never after the fork."""
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return hook
 
 
 class _Running:
@@ -115,8 +121,9 @@ class _Running:
         self.log.write("$ " + " ".join(cmd) + "\n")
         self.log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Its own process group: Ctrl-C in the terminal reaches only the orchestrator, which stops it.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     preexec_fn=_new_group)
+                                     process_group=0, preexec_fn=_death_signal())
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
