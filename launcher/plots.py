@@ -102,7 +102,8 @@ def plot_sweep(result: dict[str, Any], path: str):
         for row, (stat, title) in enumerate(rows):
             ax = axes[row][col]
             groups = {"points": result["points"]} if random_search else _series(result["points"], keys, key)
-            for label, members in groups.items():
+            colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            for i, (label, members) in enumerate(groups.items()):
                 xs, ys, lo, hi = [], [], [], []
                 for p in members:
                     s = p["stats"][stat]
@@ -115,7 +116,7 @@ def plot_sweep(result: dict[str, Any], path: str):
                     lo.append(s["mean"] - low)
                     hi.append(high - s["mean"])
                 if xs:
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label,
+                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label, color=colors[i % len(colors)],
                                 ls="none" if random_search else "-")
             numeric = [p["values"][key] for p in result["points"] if isinstance(p["values"][key], int | float)]
             if numeric and min(numeric) > 0 and max(numeric) / min(numeric) >= 10:
