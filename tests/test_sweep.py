@@ -215,3 +215,23 @@ def test_wandb_offline_one_group_tags_and_the_sweep_table(tmp_path):
     assert any(k.startswith("sweep/table") for k in runs["sweep"][2])
     assert any(k.startswith("sweep/plot") for k in runs["sweep"][2])
     assert [r.name for r in load_runs(str(out))] == ["lr0.02-seed0"]  # the sweep's own W&B run is not a run
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_from_their_checkpoints(tmp_path):
+    out = tmp_path / "sw"
+    cmd = sweep_cmd("--grid", "optim.lr=2e-2", "--seeds", "2", "--output_dir", str(out), *TINY)
+    killed = run(cmd, timeout=300, LAUNCHER_TEST_KILL_AT_STEP="12")  # 8 steps an epoch: after the first checkpoint
+    assert killed.returncode == 1, killed.stdout[-3000:]
+    assert killed.stdout.count("FAILED with exit status -9") == 2
+    assert not (out / "sweep.md").exists()
+
+    again = run(cmd, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("incomplete; resuming from its last checkpoint") == 2
+    for seed in (0, 1):
+        log = (out / "logs" / f"lr0.02-seed{seed}.log").read_text()
+        commands = [line for line in log.splitlines() if line.startswith("$ ")]
+        assert len(commands) == 2 and "--resume" not in commands[0] and commands[1].endswith("--resume auto")
+        summary = json.loads((out / f"lr0.02-seed{seed}" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["final_step"] == 24
