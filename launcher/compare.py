@@ -327,8 +327,9 @@ def main(*runs: str, targets: Any = None, metric: str | None = None, plot: str |
     """Compare runs: epochs, steps and seconds to accuracy targets, best/final values, LR; table + plot.
 
     Args:
-      runs: run directories (metrics.jsonl), W&B offline runs (wandb/offline-run-*), or W&B paths
-        entity/project/run_id or entity/project/group:NAME. With --train: recipe files to train.
+      runs: run directories (metrics.jsonl), folders of them (a sweep, a --train output), W&B offline
+        runs (wandb/offline-run-*), or W&B paths entity/project/run_id or entity/project/group:NAME.
+        With --train: recipe files to train.
       targets: metric targets, e.g. 0.5,0.8,0.9 (default: the first run's tracking.targets).
       metric: the evaluation metric (default: the first run's tracking.target_metric, else val/accuracy).
       plot: write LR, metric and train loss against epoch for all runs to this PNG (three panels).

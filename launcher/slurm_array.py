@@ -86,6 +86,9 @@ def submit_array(args: Any, out: Path, tasks: list[tuple[Path, list[str]]], over
 
     if args.time is None:
         raise UsageError("--slurm needs --time HH:MM:SS, the time limit of each task (e.g. --time 01:00:00)")
+    if args.nodes != 1:
+        raise UsageError(f"--nodes {args.nodes}: a sweep runs each point on one node (--nodes 1); for multi-node "
+                         "training submit single runs with python -m launcher.slurm")
     if args.num_processes is not None and args.gpus_per_node:
         raise UsageError("--num_processes is for CPU tasks (--gpus_per_node 0); with GPUs there is one process per GPU")
     job_name = args.job_name or slurm._safe_stem(out.resolve().name)
@@ -110,17 +113,23 @@ def submit_array(args: Any, out: Path, tasks: list[tuple[Path, list[str]]], over
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UsageError("sbatch not found on PATH; run this on a Slurm login node (or use --dry_run to see the script)")
+    created = [p for p in (out, out / "slurm") if not p.exists()]
     (out / "slurm").mkdir(parents=True, exist_ok=True)
-    _write_state(out, state)
     recipe_copy = out / "slurm" / spec.recipe.name
     if not recipe_copy.exists():
         shutil.copyfile(spec.recipe, recipe_copy)  # every task, and every later resubmission, trains this copy
+        created.append(recipe_copy)
     script_path.write_text(script)
     proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True, cwd=spec.workdir)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # nothing was submitted: leave no trace of this attempt
         script_path.unlink()
+        if created and created[0].is_dir():
+            shutil.rmtree(created[0])
+        elif created:
+            created[0].unlink()
         message = " ".join((proc.stderr or proc.stdout).split()) or f"exit status {proc.returncode}"
         raise UsageError(f"sbatch refused the array: {message}")
+    _write_state(out, state)
     job_id = proc.stdout.strip().split(";")[0]
     with open(out / "slurm" / JOBS_FILE, "a") as f:
         f.write(job_id + "\n")

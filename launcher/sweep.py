@@ -193,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("Slurm (one job array, one point x seed per task; see slurm/README.md)")
     s.add_argument("--slurm", action="store_true", help="submit the sweep as an sbatch job array")
     s.add_argument("--time", help="time limit per task, HH:MM:SS")
+    s.add_argument("--nodes", type=int, default=1, help="nodes per task: 1 (a sweep's points run on one node each)")
     s.add_argument("--gpus_per_node", type=int, default=0, help="GPUs per task (default 0: CPU)")
     s.add_argument("--partition")
     s.add_argument("--account")

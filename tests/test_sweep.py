@@ -150,6 +150,8 @@ def test_random_points_are_seeded_and_in_range():
     (["--grid", "optim.lr=0.1", "--optim.nope=1"], "optim.nope"),
     ([], "nothing to sweep"),
     (["--grid", "optim.lr=0.1", "--slurm"], "--time"),
+    (["--grid", "optim.lr=0.1", "--slurm", "--time", "00:10:00", "--nodes", "2"], "--nodes"),
+    (["--grid", "optim.lr=0.1", "--slurm", "--time", "1h"], "--time"),
     (["--grid", "optim.lr=0.1", "--apply", "/nonexistent/dir/x.yaml"], "--apply"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):

@@ -40,6 +40,9 @@ def test_sweep_as_a_job_array(cluster, tmp_path):
            "--output_dir", str(out), "--train.num_epochs=1", "--task.options.num_train=256",
            "--task.options.num_test=128"]
     conf = str(cluster.conf)
+    refused = run([*cmd, "--partition", "no-such-partition"], timeout=120, SLURM_CONF=conf)
+    assert_usage_error(refused, "sbatch refused the array")
+    assert not out.exists()  # nothing submitted, nothing left behind
     proc = run(cmd, timeout=120, SLURM_CONF=conf)
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"^job (\d+)$", proc.stdout, re.M).group(1)
