@@ -121,9 +121,10 @@ class _Running:
         self.log.write("$ " + " ".join(cmd) + "\n")
         self.log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # Its own process group: Ctrl-C in the terminal reaches only the orchestrator, which stops it.
+        # Its own session (so its own process group): Ctrl-C in the terminal reaches only the
+        # orchestrator, which then stops the training itself.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     process_group=0, preexec_fn=_death_signal())
+                                     start_new_session=True, preexec_fn=_death_signal())
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
