@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     group = str(overrides.get("tracking.wandb.group") or out.resolve().name)
     state["group"] = group
     _check_same_sweep(out, state)
-    common = [f"--{k}={override_text(v)}" for k, v in overrides.items() if k != "tracking.wandb.group"]
+    common = [f"--{k}={override_text(v)}" for k, v in overrides.items()
+              if k not in ("tracking.wandb.group", "tracking.wandb.tags")]  # both set per run below
     common.append(f"--tracking.wandb.group={group}")
 
     def wandb_tags(point: Point) -> str:
