@@ -88,11 +88,14 @@ def looks_local(spec: str) -> bool:
 def run_dirs_in(path: Path) -> list[Path]:
     """The run directories directly inside a sweep or compare directory, in the order it lists them."""
     order: list[str] = []
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
         order = [str(r["dir"]) for r in json.loads((path / "sweep.json").read_text())["runs"]]
-    found = sorted(p for p in path.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file())
-    rank = {name: i for i, name in enumerate(order)}
-    return sorted(found, key=lambda p: (rank.get(p.name, len(rank)), p.name))
+    found = sorted(p for p in path.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file()
+                   and ".incomplete-" not in p.name)  # a run set aside to be started again
+    if order:  # a sweep: exactly its own runs, in its order
+        rank = {name: i for i, name in enumerate(order)}
+        return sorted((p for p in found if p.name in rank), key=lambda p: rank[p.name])
+    return found
 
 
 def completed(run_dir: Path) -> bool:

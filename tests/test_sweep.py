@@ -66,7 +66,7 @@ def test_sweep_interrupted_continues_then_reruns_nothing(tmp_path):
 
     again = run(cmd, timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert {p.name for p in out.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists()} == NAMES
+    assert {p.name for p in out.iterdir() if (p / "metrics.jsonl").exists() and ".incomplete-" not in p.name} == NAMES
     assert completed(out) == NAMES
     for name in first:  # finished points are not trained again
         assert f"{name}] already completed" in again.stdout
@@ -237,3 +237,16 @@ def test_killed_runs_resume_from_their_checkpoints(tmp_path):
         assert len(commands) == 2 and "--resume" not in commands[0] and commands[1].endswith("--resume auto")
         summary = json.loads((out / f"lr0.02-seed{seed}" / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["final_step"] == 24
+
+
+def test_compare_reads_exactly_the_runs_a_sweep_lists(tmp_path):
+    from launcher.runs import load_runs
+
+    out = tmp_path / "sw"
+    for name in ("lr0.02-seed0", "lr0.005-seed0", "lr0.005-seed0.incomplete-20250101-000000", "unrelated"):
+        (out / name).mkdir(parents=True)
+        (out / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 1, "val/accuracy": 0.5}) + "\n")
+    (out / "sweep.json").write_text(json.dumps({"runs": [{"dir": "lr0.005-seed0"}, {"dir": "lr0.02-seed0"}]}))
+    assert [r.name for r in load_runs(str(out))] == ["lr0.005-seed0", "lr0.02-seed0"]
+    (out / "sweep.json").unlink()  # a compare --train folder: every run directory but the ones set aside
+    assert [r.name for r in load_runs(str(out))] == ["lr0.005-seed0", "lr0.02-seed0", "unrelated"]
