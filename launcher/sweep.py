@@ -201,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus_per_task", type=int)
     s.add_argument("--max_requeues", type=int, default=10)
     s.add_argument("--signal_seconds", type=int)
-    s.add_argument("--dry_run", action="store_true", help="print the batch script; write and submit nothing")
+    s.add_argument("--dry_run", action="store_true", help="print the batch script (without --slurm: the training "
+                   "commands); write, submit and train nothing")
     return p
 
 
@@ -229,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     _positive("parallel", args.parallel)
     if args.random is not None:
         _positive("random", args.random)
+    if not args.slurm:
+        slurm_only = [f"--{k}" for k in ("time", "partition", "account", "job_name", "cpus_per_task", "signal_seconds")
+                      if getattr(args, k) is not None] + (["--gpus_per_node"] if args.gpus_per_node else [])
+        if slurm_only:
+            raise UsageError(f"{', '.join(slurm_only)} apply only with --slurm (a job array); add --slurm or drop them")
     if not args.grid:
         raise UsageError("nothing to sweep: give at least one --grid section.key=v1,v2 (e.g. --grid optim.lr=1e-3,1e-2)")
     grid = parse_grid(args.grid, args.random)
@@ -280,10 +286,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # submitted (or printed with --dry_run); the report comes when the same command runs again
     else:
         prefix = launch_prefix(args.accelerate_config, args.num_processes)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_state(out, state)
         jobs = [Job(out / p.name, ["--recipe", args.recipe, *common, *p.override_tokens(), wandb_tags(p)],
                     what=f"{p.label} seed {p.seed}") for p in points]
+        if args.dry_run:  # the commands, nothing written
+            for job in jobs:
+                print(shlex.join([*prefix, "-m", "launcher.train", *job.args, "--output_dir", str(job.run_dir)]))
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
+        _write_state(out, state)
         print(f"sweep: {len(values)} point(s) x {len(seeds)} seed(s) = {len(jobs)} runs in {out}", flush=True)
         failed = run_jobs(jobs, out / "logs", prefix, args.parallel, continue_hint=f"run: {again}")
         if failed and len(failed) == len(jobs):

@@ -150,6 +150,7 @@ def test_random_points_are_seeded_and_in_range():
     (["--grid", "optim.lr=0.1", "--optim.nope=1"], "optim.nope"),
     ([], "nothing to sweep"),
     (["--grid", "optim.lr=0.1", "--slurm"], "--time"),
+    (["--grid", "optim.lr=0.1", "--time", "00:10:00"], "only with --slurm"),
     (["--grid", "optim.lr=0.1", "--slurm", "--time", "00:10:00", "--nodes", "2"], "--nodes"),
     (["--grid", "optim.lr=0.1", "--slurm", "--time", "1h"], "--time"),
     (["--grid", "optim.lr=0.1", "--apply", "/nonexistent/dir/x.yaml"], "--apply"),
@@ -250,3 +251,14 @@ def test_compare_reads_exactly_the_runs_a_sweep_lists(tmp_path):
     assert [r.name for r in load_runs(str(out))] == ["lr0.005-seed0", "lr0.02-seed0"]
     (out / "sweep.json").unlink()  # a compare --train folder: every run directory but the ones set aside
     assert [r.name for r in load_runs(str(out))] == ["lr0.005-seed0", "lr0.02-seed0", "unrelated"]
+
+
+def test_local_dry_run_prints_every_training_command(tmp_path):
+    out = tmp_path / "sw"
+    proc = run(sweep_cmd(*GRID, "--output_dir", str(out), "--dry_run", "--train.num_epochs=2"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 8 and all(" -m launcher.train --recipe " in line for line in lines)
+    assert {line.rsplit("--output_dir ", 1)[1] for line in lines} == {str(out / n) for n in NAMES}
+    assert all("--train.num_epochs=2" in line for line in lines)
+    assert not out.exists()
