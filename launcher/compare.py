@@ -5,9 +5,10 @@
     python -m launcher.compare --train recipes/mnist1d_baseline.yaml recipes/mnist1d_fast.yaml
                                [--seeds 3] [--output_dir runs/compare-X] [--a.b=v ...]
 
-A RUN is a local run directory (config.yaml, metrics.jsonl, summary.json), a W&B offline run
-(`wandb/offline-run-*` or its `run-*.wandb` file; a `wandb/` folder reads every run in it), or a W&B
-path `entity/project/run_id` or `entity/project/group:NAME` (needs network and an API key).
+A RUN is a local run directory (config.yaml, metrics.jsonl, summary.json), a folder of them (a sweep
+or a `--train` output), a W&B offline run (`wandb/offline-run-*` or its `run-*.wandb` file; a `wandb/`
+folder reads every run in it), or a W&B path `entity/project/run_id` or `entity/project/group:NAME`
+(needs network and an API key); see launcher/runs.py. Training many runs is launcher/orchestrate.py.
 
 Every number is computed from the logged rows themselves, not taken from summary.json: the epochs
 (and steps, seconds) to a target are those of the first evaluation at which the metric reached it.
@@ -18,26 +19,31 @@ Ratios are relative to the first group: "3.0x fewer epochs to 80%".
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import re
-import signal
 import statistics
-import struct
-import subprocess
 import sys
 import time
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import UsageError, run_cli
+from launcher.orchestrate import train_recipes
+from launcher.plots import plot_runs
+from launcher.runs import (
+    Run,
+    load_runs,
+    read_local,
+    read_wandb_offline,
+    read_wandb_online,
+    read_wandb_records,
+)
+
+__all__ = ["Run", "UsageError", "compare_runs", "group_runs", "load_runs", "plot_runs", "read_local",
+           "read_wandb_offline", "read_wandb_online", "read_wandb_records", "render", "run_stats", "train_recipes"]
 
 DEFAULT_TARGETS = (0.5, 0.8, 0.9, 0.95)
 FORMATS = ("table", "markdown", "csv", "json")
@@ -47,224 +53,6 @@ _NOT_TRAINING = ("name", "train.seed", "train.progress_bar", "train.peak_tflops"
                  "data.pin_memory", "data.val_batch_size")
 _NOT_TRAINING_PREFIXES = ("tracking.", "checkpoint.", "_")
 _PLAN_KEYS_THAT_MATTER = ("plan.num_processes", "plan.global_batch")
-
-_WANDB_PATH = re.compile(r"^[\w.-]+/[\w.-]+/(group:.+|[\w-]+)$")
-
-
-@dataclass
-class Run:
-    """One run's metrics, wherever they came from."""
-
-    name: str
-    source: str
-    config: dict[str, Any] = field(default_factory=dict)
-    """Flat (`optim.lr`), plus `plan.*` where known."""
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    """metrics.jsonl rows (or W&B history rows), in step order."""
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading runs
-# ---------------------------------------------------------------------------------------------
-
-
-def load_runs(spec: str) -> list[Run]:
-    """A RUN argument -> one or more runs (a W&B group or a `wandb/` folder can hold several)."""
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".wandb":
-        return [read_wandb_offline([path])]
-    if path.is_dir():
-        if (path / "metrics.jsonl").is_file():
-            return [read_local(path)]
-        offline = _offline_runs(path)
-        if offline:
-            return [read_wandb_offline(files) for files in offline]
-        raise UsageError(f"run {spec!r} has no metrics.jsonl and no W&B offline run (wandb/offline-run-*); "
-                         "pass a run directory written by launcher.train")
-    if not path.exists() and _WANDB_PATH.match(spec):
-        return read_wandb_online(spec)
-    raise UsageError(f"run {spec!r} not found: pass a run directory (with metrics.jsonl), a W&B offline run "
-                     "(wandb/offline-run-*), or a W&B path entity/project/run_id")
-
-
-def _flat(tree: dict) -> dict[str, Any]:
-    from launcher.config import flatten
-
-    return flatten(tree)
-
-
-def read_local(path: Path) -> Run:
-    """A run directory written by launcher.train: config.yaml, plan.json, metrics.jsonl, summary.json."""
-    import yaml
-
-    config: dict[str, Any] = {}
-    if (path / "config.yaml").is_file():
-        try:
-            config = _flat(yaml.safe_load((path / "config.yaml").read_text()) or {})
-        except yaml.YAMLError:
-            raise UsageError(f"{path / 'config.yaml'} is not valid YAML; fix or remove it") from None
-    if (path / "plan.json").is_file():
-        with contextlib.suppress(ValueError):
-            config.update({f"plan.{k}": v for k, v in json.loads((path / "plan.json").read_text()).items()})
-    rows = []
-    with open(path / "metrics.jsonl", encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a killed run
-    summary = {}
-    if (path / "summary.json").is_file():
-        with contextlib.suppress(ValueError):
-            summary = json.loads((path / "summary.json").read_text())
-    return Run(name=path.resolve().name, source=str(path), config=config, rows=rows, summary=summary)
-
-
-def _offline_runs(path: Path) -> list[list[Path]]:
-    """The `.wandb` files under a run dir, a `wandb/` folder or an `offline-run-*` folder, by run id.
-
-    A resumed run writes one offline folder per start, all with the same id; they are read in order.
-    """
-    candidates = [path, path / "wandb"]
-    files: list[Path] = []
-    for folder in candidates:
-        if folder.is_dir():
-            files += sorted(folder.glob("run-*.wandb")) + sorted(folder.glob("offline-run-*/run-*.wandb"))
-    by_id: dict[str, list[Path]] = {}
-    for f in files:
-        by_id.setdefault(f.stem.removeprefix("run-"), []).append(f)
-    return list(by_id.values())
-
-
-# The `.wandb` file is a LevelDB-style log of protobuf `Record`s: a 7-byte file header, then 32 KiB
-# blocks of chunks, each with a header (crc32, length, type); FIRST/MIDDLE/LAST chunks join into one.
-_BLOCK = 32768
-_HEADER = 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def read_wandb_records(path: Path) -> Iterator[Any]:
-    """The protobuf records of a W&B transaction log (`run-*.wandb`), up to the first damaged chunk."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    if len(data) < _HEADER or data[:4] != b":W&B":
-        raise UsageError(f"{path} is not a W&B run file (.wandb)")
-    pos, parts = _HEADER, None
-    while pos + _HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _HEADER:
-            pos += left  # block trailer padding
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        if crc == 0 and length == 0 and kind == 0:
-            pos += left
-            continue
-        chunk = data[pos + _HEADER:pos + _HEADER + length]
-        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            return  # a run still being written, or cut off by a kill
-        pos += _HEADER + length
-        if kind == _FULL:
-            payload = chunk
-        elif kind == _FIRST:
-            parts = [chunk]
-            continue
-        elif kind == _MIDDLE and parts is not None:
-            parts.append(chunk)
-            continue
-        elif kind == _LAST and parts is not None:
-            payload, parts = b"".join([*parts, chunk]), None
-        else:
-            return
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        yield record
-
-
-def _item_key(item: Any) -> str:
-    return item.key or ".".join(item.nested_key)
-
-
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def read_wandb_offline(files: list[Path]) -> Run:
-    """One W&B run from its offline transaction log(s): config, history rows, summary."""
-    config: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {}
-    name = files[0].stem.removeprefix("run-")
-    for path in files:
-        segment: list[dict[str, Any]] = []
-        for record in read_wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                name = record.run.display_name or record.run.run_id or name
-                for item in record.run.config.update:
-                    config[_item_key(item)] = _json_value(item.value_json)
-            elif kind == "config":
-                for item in record.config.update:
-                    config[_item_key(item)] = _json_value(item.value_json)
-                for item in record.config.remove:
-                    config.pop(_item_key(item), None)
-            elif kind == "history":
-                row = {_item_key(i): _json_value(i.value_json) for i in record.history.item}
-                segment.append({k: v for k, v in row.items() if not k.startswith("_")} | (
-                    {"step": row["_step"]} if "step" not in row and "_step" in row else {}))
-            elif kind == "summary":
-                for item in record.summary.update:
-                    summary[_item_key(item)] = _json_value(item.value_json)
-                for item in record.summary.remove:
-                    summary.pop(_item_key(item), None)
-        if segment and rows:  # a resumed start redoes the steps after its checkpoint
-            first = segment[0].get("step", 0)
-            rows = [r for r in rows if r.get("step", 0) < first]
-        rows += segment
-    config = {k: v for k, v in _flat(config).items() if not k.startswith("_")}
-    return Run(name=name, source=str(files[0].parent), config=config, rows=rows, summary=summary)
-
-
-def read_wandb_online(spec: str) -> list[Run]:
-    """`entity/project/run_id` or `entity/project/group:NAME` through the W&B public API."""
-    from launcher.tracking import have_wandb_credentials
-
-    if not have_wandb_credentials():
-        raise UsageError(f"reading the W&B run {spec!r} needs an API key: set WANDB_API_KEY or run `wandb login` "
-                         "(or compare local run directories / offline runs instead)")
-    entity, project, rest = spec.split("/", 2)
-    try:
-        import wandb
-
-        api = wandb.Api(timeout=30)
-        if rest.startswith("group:"):
-            found = list(api.runs(f"{entity}/{project}", filters={"group": rest.removeprefix("group:")},
-                                  order="+created_at"))
-            if not found:
-                raise UsageError(f"W&B group {spec!r} has no runs; check the entity, project and group name")
-        else:
-            found = [api.run(spec)]
-        runs = []
-        for r in found:
-            rows = [{k: v for k, v in row.items() if not k.startswith("_")}
-                    | ({"step": row["_step"]} if "step" not in row and "_step" in row else {})
-                    for row in r.scan_history()]
-            rows.sort(key=lambda row: row.get("step", 0))
-            config = {k: v for k, v in _flat(dict(r.config)).items() if not k.startswith("_")}
-            runs.append(Run(name=r.name or r.id, source=f"{entity}/{project}/{r.id}", config=config, rows=rows,
-                            summary=dict(r.summary)))
-        return runs
-    except UsageError:
-        raise
-    except Exception as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UsageError(f"could not read the W&B run {spec!r} ({first_line}); check the path, the network and "
-                         "WANDB_API_KEY, or compare local run directories / offline runs instead") from None
-
 
 # ---------------------------------------------------------------------------------------------
 # Numbers
@@ -351,7 +139,7 @@ def _labels(runs: list[Run], groups: list[list[int]]) -> list[str]:
             cfg = runs[groups[g][0]].config
             others = [runs[groups[o][0]].config for o in same if o != g]
             diff = [k for k in sorted(cfg) if _matters(k) and any(o.get(k) != cfg[k] for o in others)]
-            labels[g] = f"{label} [{', '.join(f'{k}={cfg[k]}' for k in diff[:2])}]" if diff else f"{label} #{g + 1}"
+            labels[g] = f"{label} [{', '.join(f'{k}={cfg[k]}' for k in diff[:4])}]" if diff else f"{label} #{g + 1}"
     return labels
 
 
@@ -514,169 +302,6 @@ def render(result: dict[str, Any], fmt: str) -> str:
     return "\n".join(out).rstrip("\n")
 
 
-def plot_runs(runs: list[Run], result: dict[str, Any], path: str):
-    """LR, the metric and the train loss (epoch means) against epoch, one colour per group; returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = result["metric"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    ax_lr, ax_metric, ax_loss = axes
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    labels = [g["label"] for g in result["groups"]]
-    sizes = {g["label"]: g["n"] for g in result["groups"]}
-    seen = set()
-    for run, stats in zip(runs, result["runs"]):
-        group = stats.get("group", run.name)
-        color = colors[labels.index(group) % len(colors)] if group in labels else None
-        label = None
-        if group not in seen:
-            seen.add(group)
-            label = f"{group} (n={sizes[group]})" if sizes.get(group, 1) > 1 else group
-        alpha = 0.9 if sizes.get(group, 1) == 1 else 0.55
-        train = [r for r in run.rows if _number(r.get("lr")) is not None and _number(r.get("epoch")) is not None]
-        ax_lr.plot([r["epoch"] for r in train], [r["lr"] for r in train], color=color, alpha=alpha, label=label)
-        evals = [r for r in run.rows if _number(r.get(metric)) is not None]
-        ax_metric.plot([r["epoch"] for r in evals], [r[metric] for r in evals], marker="." if len(evals) < 40 else None,
-                       color=color, alpha=alpha, label=label)
-        epochs: dict[int, list[float]] = {}
-        for r in run.rows:
-            loss = _number(r.get("train/loss"))
-            if loss is not None and _number(r.get("epoch")) is not None:
-                epochs.setdefault(max(1, math.ceil(r["epoch"])), []).append(loss)
-        xs = sorted(epochs)
-        ax_loss.plot(xs, [statistics.fmean(epochs[x]) for x in xs], color=color, alpha=alpha, label=label)
-    for t in result["targets"]:
-        ax_metric.axhline(t, color="grey", lw=0.6, ls=":")
-    ax_lr.set(title="learning rate (every optimizer step)", xlabel="epoch", ylabel="lr")
-    ax_metric.set(title=metric, xlabel="epoch", ylabel=metric)
-    ax_loss.set(title="train loss (epoch mean)", xlabel="epoch", ylabel="train/loss")
-    losses = [y for line in ax_loss.get_lines() for y in line.get_ydata()]
-    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
-        ax_loss.set_yscale("log")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    ax_metric.legend(fontsize="small")
-    fig.tight_layout()
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------
-# Training several recipes x seeds, then comparing
-# ---------------------------------------------------------------------------------------------
-
-
-def _override_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return ",".join(_override_text(v) for v in value)
-    return str(value)
-
-
-def _completed(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
-
-
-def train_recipes(recipes: list[str], seeds: int, output_dir: str, overrides: dict[str, Any]) -> list[str]:
-    """Train each recipe x seed with `python -m launcher.train`, one after another; returns the run dirs.
-
-    Run `k` of a recipe uses `train.seed = <recipe seed> + k`, in `<output_dir>/<recipe>-seed<S>`.
-    Runs already completed there are kept and skipped, so the same command continues an
-    interrupted comparison. A run that fails is reported and the others still run.
-    """
-    from launcher.config import load_config
-
-    for key in overrides:
-        if key.lstrip("-") in ("train.seed", "seed"):
-            raise UsageError("--train.seed cannot be overridden here: --seeds N trains seeds <recipe seed> .. +N-1")
-    jobs = []
-    for recipe in recipes:
-        cfg = load_config(recipe, overrides)  # every recipe and override checked before anything runs
-        stem = Path(recipe).stem
-        for k in range(seeds):
-            seed = cfg.train.seed + k
-            jobs.append((recipe, seed, Path(output_dir) / f"{stem}-seed{seed}"))
-    names = [j[2].name for j in jobs]
-    if len(set(names)) != len(names):
-        raise UsageError("two recipes share a file name; give each recipe a distinct file name")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {output_dir!r} exists and is not a directory; choose another --output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
-    extra = [f"--{k.lstrip('-')}={_override_text(v)}" for k, v in overrides.items()]
-    if not any(k.lstrip("-") == "tracking.wandb.group" for k in overrides):
-        extra.append(f"--tracking.wandb.group={out.resolve().name}")  # one W&B group per comparison
-    failed = []
-    started = time.perf_counter()
-    for n, (recipe, seed, run_dir) in enumerate(jobs, 1):
-        tag = f"[{n}/{len(jobs)} {run_dir.name}]"
-        if _completed(run_dir):
-            print(f"{tag} already completed in {run_dir}; skipped", flush=True)
-            continue
-        if run_dir.exists():
-            if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-                resume = ["--resume", "auto"]
-                print(f"{tag} incomplete; resuming from its last checkpoint", flush=True)
-            else:
-                aside = run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-                run_dir.rename(aside)
-                resume = []
-                print(f"{tag} incomplete without a checkpoint; moved to {aside.name} and started again", flush=True)
-        else:
-            resume = []
-        cmd = [sys.executable, "-m", "launcher.train", "--recipe", recipe, "--output_dir", str(run_dir),
-               f"--train.seed={seed}", *resume, *extra]
-        print(f"{tag} training {recipe} seed {seed} (elapsed {time.perf_counter() - started:.0f}s)", flush=True)
-        code = _run_logged(cmd, out / "logs" / f"{run_dir.name}.log", tag)
-        if code != 0 or not _completed(run_dir):
-            failed.append(run_dir.name)
-            print(f"{tag} FAILED with exit status {code}; log: {out / 'logs' / (run_dir.name + '.log')}", flush=True)
-    print(f"trained {len(jobs) - len(failed)}/{len(jobs)} runs in {time.perf_counter() - started:.0f}s", flush=True)
-    if failed:
-        print(f"failed: {', '.join(failed)} (rerun the same command to retry them)", file=sys.stderr, flush=True)
-    return [str(j[2]) for j in jobs if j[2].name not in failed]
-
-
-def _run_logged(cmd: list[str], log_path: Path, tag: str) -> int:
-    """Run one training; its full output goes to `log_path`, its epoch lines to the console."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        tail: list[str] = []
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                tail = [*tail[-19:], line.rstrip()]
-                if line.startswith(("epoch ", "completed", "error", "stopped")):
-                    print(f"{tag} {line.rstrip()}", flush=True)
-            code = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-            if proc.poll() is None:
-                proc.kill()
-            print(f"\n{tag} interrupted; rerun the same command to continue (completed runs are kept)",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-    if code != 0:
-        print("\n".join(f"{tag}   | {t}" for t in tail[-8:]), flush=True)
-    return code
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -702,8 +327,9 @@ def main(*runs: str, targets: Any = None, metric: str | None = None, plot: str |
     """Compare runs: epochs, steps and seconds to accuracy targets, best/final values, LR; table + plot.
 
     Args:
-      runs: run directories (metrics.jsonl), W&B offline runs (wandb/offline-run-*), or W&B paths
-        entity/project/run_id or entity/project/group:NAME. With --train: recipe files to train.
+      runs: run directories (metrics.jsonl), folders of them (a sweep, a --train output), W&B offline
+        runs (wandb/offline-run-*), or W&B paths entity/project/run_id or entity/project/group:NAME.
+        With --train: recipe files to train.
       targets: metric targets, e.g. 0.5,0.8,0.9 (default: the first run's tracking.targets).
       metric: the evaluation metric (default: the first run's tracking.target_metric, else val/accuracy).
       plot: write LR, metric and train loss against epoch for all runs to this PNG (three panels).

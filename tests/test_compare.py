@@ -150,6 +150,8 @@ def test_seeds_group_only_when_nothing_but_the_seed_differs():
 
 @pytest.mark.parametrize("args, message", [
     (["/nonexistent/run"], "not found"),
+    (["runs/compare-readme/mnist1d_fast-seed9"], "no such run directory"),  # not a W&B entity/project/run
+    (["tests/no-such/run"], "no such run directory"),
     (["RUN", "--targets", "abc"], "--targets"),
     (["RUN", "--targets", "0.5,-1"], "--targets"),
     (["RUN", "--format", "xml"], "--format"),
