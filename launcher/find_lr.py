@@ -236,87 +236,113 @@ def _agree_output_dir(accelerator, name: str, output_dir: str | None) -> str:
     return path
 
 
+class RangeTest:
+    """A trainer hook: the LR grows exponentially step by step; stop when the smoothed loss diverges.
+
+    It replaces the recipe's schedule for the run (`LRSchedule` below) and reads the loss of every
+    step, averaged over all ranks, at the flush after it (`train.log_every_n_steps` is 1 here), so
+    every rank sees the same curve and takes the same decision to stop.
+    """
+
+    def __init__(self, start_lr: float, end_lr: float, num_steps: int, beta: float, diverge_factor: float, log=print):
+        self.start_lr, self.end_lr, self.num_steps = start_lr, end_lr, num_steps
+        self.diverge_factor = diverge_factor
+        self.smoother = Smoother(beta)
+        self.log = log
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.best = math.inf
+        self.stop_reason = "reached end_lr"
+
+    def on_train_start(self, trainer) -> None:
+        trainer.scheduler = LRSchedule(trainer.optimizer, self.start_lr, self.end_lr, self.num_steps)
+
+    def on_flush(self, trainer, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            value = row["train/loss"]
+            value = math.nan if value is None else value
+            lr = row["lr"]
+            self.lrs.append(lr)
+            self.losses.append(value)
+            smooth = self.smoother.update(value) if math.isfinite(value) else math.nan
+            self.smoothed.append(smooth)
+            if math.isfinite(smooth):
+                self.best = min(self.best, smooth)
+            if not math.isfinite(smooth):
+                self.stop_reason = f"loss became non-finite at lr {lr:.3g}"
+            elif smooth > self.diverge_factor * self.best:
+                self.stop_reason = f"smoothed loss exceeded {self.diverge_factor:g} x its best at lr {lr:.3g}"
+            n = len(self.lrs)
+            if self.stop_reason != "reached end_lr" or n >= self.num_steps:
+                trainer.stop()
+                return
+            if n % max(1, self.num_steps // 6) == 0:
+                self.log(f"step {n}/{self.num_steps}  lr {lr:.3e}  loss {value:.4f}  smoothed {smooth:.4f}")
+
+
+class LRSchedule:
+    """The range test's LR for the trainer: every param group at lr_at(k) for step k (0-based here)."""
+
+    plateau = None
+
+    def __init__(self, optimizer, start_lr: float, end_lr: float, num_steps: int):
+        self.optimizer, self.start_lr, self.end_lr, self.num_steps = optimizer, start_lr, end_lr, num_steps
+        self.num_steps_done = 0
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [lr_at(self.num_steps_done, self.num_steps, self.start_lr, self.end_lr)] * len(self.optimizer.param_groups)
+
+    def _apply(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.num_steps_done += 1
+        self._apply()
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_steps_done": self.num_steps_done}
+
+
+RANGE_TEST_OVERRIDES = {
+    "checkpoint.enabled": False, "schedule.plateau.enabled": False, "train.log_every_n_steps": 1,
+    "train.eval_every_n_epochs": 1_000_000, "train.progress_bar": "off", "train.on_nonfinite": "skip",
+    "tracking.wandb.enabled": False, "tracking.tensorboard": False,
+}
+"""What the range test changes in the recipe: no checkpoints, plateau or evaluation, a flush every step
+(the hook decides on every step's rank-averaged loss), non-finite steps skipped (the hook stops on them)."""
+
+
 def range_test(cfg, accelerator, start_lr: float, end_lr: float, num_steps: int, beta: float,
                diverge_factor: float, log=print) -> dict[str, Any]:
-    """Train a fresh model of `cfg` with an exponentially growing LR; the curve, identical on all ranks."""
-    import torch
-    from accelerate.utils import set_seed
+    """Train a fresh model of `cfg` with the trainer's own build and step, the LR growing exponentially.
 
-    from launcher.data import EpochSampler, build_loaders, cast_floats
-    from launcher.distributed import engine_input_dtype
-    from launcher.optim import build_optimizer
-    from launcher.plan import make_plan
-    from launcher.tasks import build_task
+    Returns the curve, identical on all ranks. The trainer's files go to a temporary directory that is
+    removed afterwards: the range test keeps only its curve.
+    """
+    import shutil
+    import tempfile
 
-    set_seed(cfg.train.seed)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    task = build_task(cfg.task, cfg.data)
-    plan = make_plan(cfg, accelerator.num_processes, len(task.train_set))
-    model = task.model
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim, start_lr, accelerator.device.type)
-    sampler = EpochSampler(len(task.train_set), plan.global_batch, cfg.train.seed)
-    loader, _ = build_loaders(task, cfg.train, cfg.data, sampler, accelerator)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    model.train()
-    input_dtype = engine_input_dtype(accelerator)
+    from launcher.trainer import Trainer
 
-    max_norm = cfg.optim.clip_grad_norm or math.inf
-    smoother = Smoother(beta)
-    lrs: list[float] = []
-    losses: list[float] = []
-    smoothed: list[float] = []
-    best = math.inf
-    stop_reason = "reached end_lr"
-    micro_losses: list[torch.Tensor] = []
-    epoch = 0
-    while len(lrs) < num_steps and stop_reason == "reached end_lr":
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)  # Accelerate re-sets the sampler's epoch from this at every iter()
-        sampler.set_epoch(epoch, 0)
-        epoch += 1
-        for batch in loader:
-            step = len(lrs)
-            lr = lr_at(step, num_steps, start_lr, end_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs, targets = task.split(batch)
-            if input_dtype is not None:
-                inputs = cast_floats(inputs, input_dtype)
-            with accelerator.accumulate(model):
-                loss = task.loss(model(inputs), targets)
-                accelerator.backward(loss)
-                micro_losses.append(loss.detach().float())
-                if not accelerator.sync_gradients:  # optimizer.step() would be a no-op until the last micro-batch
-                    continue
-                accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.stack(micro_losses).mean()
-            micro_losses = []
-            # The same number on every rank, so every rank takes the same decision to stop.
-            value = accelerator.reduce(step_loss, reduction="mean").item()
-            lrs.append(lr)
-            losses.append(value)
-            smooth = smoother.update(value) if math.isfinite(value) else math.nan
-            smoothed.append(smooth)
-            if math.isfinite(smooth):
-                best = min(best, smooth)
-            if not math.isfinite(smooth):
-                stop_reason = f"loss became non-finite at lr {lr:.3g}"
-            elif smooth > diverge_factor * best:
-                stop_reason = f"smoothed loss exceeded {diverge_factor:g} x its best at lr {lr:.3g}"
-            if stop_reason != "reached end_lr" or len(lrs) >= num_steps:
-                break
-            if len(lrs) % max(1, num_steps // 6) == 0:
-                log(f"step {len(lrs)}/{num_steps}  lr {lr:.3e}  loss {value:.4f}  smoothed {smooth:.4f}")
-    del model, optimizer, loader
-    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stop_reason": stop_reason, "plan": plan,
-            "task": task.description or cfg.task.name}
+    hook = RangeTest(start_lr, end_lr, num_steps, beta, diverge_factor, log)
+    scratch = tempfile.mkdtemp(prefix="lr_find-") if accelerator.is_main_process else os.devnull
+    try:
+        trainer = Trainer(cfg, scratch, accelerator, hooks=[hook], quiet=True)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        if accelerator.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {"lrs": hook.lrs, "losses": hook.losses, "smoothed": hook.smoothed, "stop_reason": hook.stop_reason,
+            "plan": trainer.plan, "task": trainer.task.description or cfg.task.name}
 
 
 def plot_curve(result: dict[str, Any], path: str, title: str) -> None:
@@ -419,6 +445,9 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise UsageError(f"--{flag} needs a path; got {value!r}")
     cfg = load_config(recipe, overrides)
+    # The range test's own settings on top (the recipe's schedule is replaced by RangeTest's).
+    cfg = load_config(recipe, {**overrides, **RANGE_TEST_OVERRIDES, "train.max_steps": num_steps,
+                               "train.num_epochs": max(cfg.train.num_epochs, num_steps)})
     from launcher.train import check_data_root
 
     check_data_root(cfg)
@@ -437,7 +466,7 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
         if problem:
             raise UsageError(problem)
 
-    from launcher.distributed import make_accelerator
+    from launcher.distributed import make_accelerator, shutdown
 
     accelerator = make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
     is_main = accelerator.is_main_process
@@ -451,7 +480,7 @@ def main(recipe: str | None = None, start_lr: float = 1e-7, end_lr: float = 1.0,
         log(f"LR range test: {start_lr:.3g} -> {end_lr:.3g} over {num_steps} steps; output directory: {run_dir}")
         curve = range_test(cfg, accelerator, start_lr, end_lr, num_steps, beta, diverge_factor, log)
     finally:
-        _shutdown(accelerator)
+        shutdown(accelerator)
     plan = curve.pop("plan")
     log(f"task: {curve.pop('task')}; global batch {plan.global_batch} "
         f"({plan.per_device_batch} x {plan.num_processes} processes x {plan.grad_accum_steps} accumulation); "
@@ -510,19 +539,6 @@ def _write_recipe(recipe: str, path: str, overrides: dict[str, Any], lr: float) 
     extra = f" and the overrides {', '.join(k for k in values if k != 'optim.lr')}" if len(values) > 1 else ""
     note = "" if kept else " (written as plain YAML: the recipe's comments could not be kept)"
     print(f"wrote {path}: {recipe} with optim.lr={lr:g}{extra}{note}", flush=True)
-
-
-def _shutdown(accelerator) -> None:
-    """Release the process group (gc first: avoids gloo's abort at exit: docs/scaling.md, pitfalls)."""
-    import gc
-
-    import torch
-
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def cli() -> None:

@@ -76,8 +76,11 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None,
-                 hooks: list | None = None):
+                 hooks: list | None = None, quiet: bool = False):
+        """`hooks`: extra hooks (launcher.hooks) besides the recipe's; `quiet`: no progress lines (a tool
+        driving the trainer, like the LR range test, prints its own)."""
         self.cfg = cfg
+        self.quiet = quiet
         self.run_dir = run_dir
         self.accelerator = accelerator or make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
         acc = self.accelerator
@@ -156,7 +159,7 @@ class Trainer:
         self.tracker.log_config(to_dict(self.cfg), self.plan.to_dict())
 
     def print(self, message: str) -> None:
-        if self.is_main and not self.progress.write(message):
+        if self.is_main and not self.quiet and not self.progress.write(message):
             print(message, flush=True)
 
     # ------------------------------------------------------------------------------------------
@@ -237,9 +240,15 @@ class Trainer:
         due = self.checkpoints.due(s.step, s.step_in_epoch, self.plan.steps_per_epoch, self.plan.total_steps)
         if (due or s.step % self.cfg.train.log_every_n_steps == 0) and self._sync():
             return True
+        if s.status != "running":  # a hook called stop()
+            return True
         if due:
             self.save_checkpoint()
         return s.step >= self.plan.total_steps
+
+    def stop(self, status: str = "stopped") -> None:
+        """For hooks: end training after this step (every rank must decide alike, e.g. in on_flush)."""
+        self.state.status = status
 
     def after_epoch(self, metrics: dict[str, float]) -> None:
         """After evaluation and the plateau step: the epoch's checkpoint, then any pending preemption."""
