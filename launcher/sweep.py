@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if overrides.get("train.progress_bar") is None:
         overrides["train.progress_bar"] = "off"  # logs, not a terminal
 
-    from launcher.find_lr import _check_apply
+    from launcher.recipe_edit import check_apply as _check_apply
     from launcher.sweep_results import metric_and_targets
 
     if args.apply is not None and _check_apply(args.apply):

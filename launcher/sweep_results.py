@@ -164,7 +164,8 @@ def report(out: Path, state: dict[str, Any], cfg, metric: str, targets: list[flo
 
 
 def _apply(recipe: str, path: str, values: dict[str, Any]) -> None:
-    from launcher.find_lr import _check_apply, recipe_with
+    from launcher.recipe_edit import check_apply as _check_apply
+    from launcher.recipe_edit import recipe_with
 
     problem = _check_apply(path)
     if problem:
