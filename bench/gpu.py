@@ -7,9 +7,10 @@
 Without CUDA (and without --smoke) it prints why and exits 0, writing a "skipped" section.
 
 Every measurement is a real launch of the Trainer (the same code as `launcher.train`) in a fresh
-process group, with the launcher's own accelerate config; inside, each optimizer step is timestamped
-(rank 0) and throughput is taken over the steps after the first `--warmup_steps` (torch.compile,
-cuDNN autotuning and allocator growth happen there). Evaluation is moved past the end of the run and
+process group, with the launcher's own accelerate config; inside, each flush of the step rows (every
+10 steps: the host reads them back, so the device has finished those steps) is timestamped (rank 0)
+and throughput is taken over the steps after the first `--warmup_steps` (torch.compile, cuDNN
+autotuning and allocator growth happen there). Evaluation is moved past the end of the run and
 checkpoints are off. Peak memory is `torch.cuda.max_memory_allocated()` over the run.
 
 1. CIFAR-10 ResNet-18 (recipes/cifar10_resnet18.yaml: bf16, channels_last, batch 128, crop/flip on 2
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
 COMMON = {"train.eval_every_n_epochs": "1000000", "checkpoint.enabled": "false", "train.progress_bar": "off",
+          "train.log_every_n_steps": "10",
           "tracking.wandb.enabled": "false"}
 
 
@@ -129,22 +131,22 @@ def worker(recipe: str, overrides: dict[str, str], out: str) -> None:
 
     from launcher.config import load_config
     from launcher.distributed import make_accelerator
+    from launcher.hooks import Hooks
+    from launcher.throughput import peak_flops
     from launcher.trainer import Trainer
 
     cfg = load_config(recipe, {**COMMON, **overrides})
     accelerator = make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
     run_dir = tempfile.mkdtemp(prefix="bench-gpu-run-")
     trainer = Trainer(cfg, run_dir, accelerator)
-    stamps: list[float] = []
-    step = trainer.train_step
+    stamps: list[tuple[int, float]] = []  # (optimizer step, time) at each flush: the device has finished those steps
 
-    def timed_step(batch):
-        result = step(batch)
-        if result[2] is not None:
-            stamps.append(time.perf_counter())  # the guard's host sync has waited for the device
-        return result
+    class Stamp:
+        def on_flush(self, trainer, rows):
+            if rows:
+                stamps.append((rows[-1]["step"], time.perf_counter()))
 
-    trainer.train_step = timed_step
+    trainer.hooks = Hooks([*trainer.hooks.hooks, Stamp()])
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -157,7 +159,7 @@ def worker(recipe: str, overrides: dict[str, str], out: str) -> None:
             "stamps": stamps, "distributed_type": trainer.plan.distributed_type,
             "mixed_precision": trainer.plan.mixed_precision, "num_processes": trainer.plan.num_processes,
             "global_batch": trainer.plan.global_batch, "tokens_per_sample": trainer.task.tokens_per_sample,
-            "flops_per_token": trainer.task.flops_per_token, "peak_flops": trainer._peak_flops(),
+            "flops_per_token": trainer.task.flops_per_token, "peak_flops": peak_flops(cfg.train.peak_tflops, accelerator),
             "compile": cfg.train.compile, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None,
             "max_memory_reserved": torch.cuda.max_memory_reserved() if cuda else None,
@@ -193,16 +195,16 @@ def run_case(case: Case, timeout: float, work: Path, warmup_steps: int) -> dict:
         why = next((x for x in reversed(lines) if "Error" in x or "error:" in x), lines[-1] if lines else "no output")
         return {"name": case.name, "error": f"exit {code}: {why.strip()[:200]}", "seconds": seconds, "log": str(log)}
     r = json.loads(out.read_text())
-    stamps = r["stamps"]
-    skip = min(warmup_steps, max(0, len(stamps) - 3))
-    window = stamps[skip:]
-    steps = len(window) - 1
-    if steps < 1:
-        return {"name": case.name, "error": f"only {len(stamps)} steps", "seconds": seconds}
-    per_sec = steps / (window[-1] - window[0])
+    stamps = [tuple(x) for x in r["stamps"]]  # (step, seconds) at each flush
+    window = [x for x in stamps if x[0] > warmup_steps] or stamps[-2:]
+    if len(window) < 2:
+        return {"name": case.name, "error": f"only {len(stamps)} flushes", "seconds": seconds}
+    steps = window[-1][0] - window[0][0]
+    per_sec = steps / (window[-1][1] - window[0][1])
     row = {"name": case.name, "seconds": seconds, "what": case.what, **r, "measured_steps": steps,
            "steps_per_sec": per_sec, "samples_per_sec": per_sec * r["global_batch"],
-           "step_ms_median": 1e3 * statistics.median(b - a for a, b in zip(window, window[1:]))}
+           "step_ms_median": 1e3 * statistics.median((tb - ta) / (sb - sa) for (sa, ta), (sb, tb)
+                                                     in zip(window, window[1:]))}
     row.pop("stamps")
     if r["tokens_per_sample"]:
         row["tokens_per_sec"] = row["samples_per_sec"] * r["tokens_per_sample"]

@@ -39,6 +39,18 @@ class Event:
     consecutive: int
     stop: bool
 
+    def message(self, train, num_processes: int, last_checkpoint: str | None) -> str:
+        """The line the main process prints: a warning for a skip, an error with the fix for a stop."""
+        what = (f"step {self.step}: non-finite loss on {self.loss_ranks} of {num_processes} process(es)"
+                if self.loss_ranks else f"step {self.step}: non-finite gradients")
+        if not self.stop:
+            return f"warning: {what}: step skipped ({self.consecutive} in a row; stop at {train.max_nonfinite_skips})"
+        why, fix = ("train.on_nonfinite=stop", " (or --train.on_nonfinite=skip)") if train.on_nonfinite == "stop" \
+            else (f"{self.consecutive} consecutive skips = train.max_nonfinite_skips", "")
+        return (f"error: {what}: stopping ({why}); the weights were not updated and the last checkpoint "
+                f"({last_checkpoint or 'none'}) is intact; lower optim.lr or set optim.clip_grad_norm{fix}, "
+                "then --resume auto")
+
 
 @dataclass
 class NonFiniteGuard:

@@ -52,6 +52,7 @@ from launcher.progress import ProgressBar
 from launcher.schedule import LRScheduler
 from launcher.step import StepOps
 from launcher.tasks import build_task
+from launcher.throughput import throughput
 from launcher.tracking import NullTracker, RunSummary, Tracker
 
 
@@ -305,21 +306,10 @@ class Trainer:
         self.print(f"preempted ({self.preemption.received or 'signal to another process'}) at step "
                    f"{self.state.step}: {what}")
 
-    def _report_nonfinite(self, e: Event) -> None:
-        t = self.cfg.train
-        n = self.accelerator.num_processes
-        what = (f"step {e.step}: non-finite loss on {e.loss_ranks} of {n} process(es)"
-                if e.loss_ranks else f"step {e.step}: non-finite gradients")
-        if not e.stop:
-            message = f"warning: {what}: step skipped ({e.consecutive} in a row; stop at {t.max_nonfinite_skips})"
-        else:
-            why, fix = ("train.on_nonfinite=stop", " (or --train.on_nonfinite=skip)") if t.on_nonfinite == "stop" \
-                else (f"{e.consecutive} consecutive skips = train.max_nonfinite_skips", "")
-            message = (f"error: {what}: stopping ({why}); the weights were not updated and the last checkpoint "
-                       f"({self.checkpoints.last_saved or 'none'}) is intact; lower optim.lr or set "
-                       f"optim.clip_grad_norm{fix}, then --resume auto")
+    def _report_nonfinite(self, event: Event) -> None:
         if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+            print(event.message(self.cfg.train, self.accelerator.num_processes, self.checkpoints.last_saved),
+                  file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------------------
     def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
@@ -427,7 +417,8 @@ class Trainer:
         s = self.state
         if metrics:
             row = {"step": s.step, "epoch": s.epoch, **metrics, "time/elapsed": s.elapsed,
-                   "time/epoch_seconds": epoch_seconds, **self._throughput(epoch_seconds)}
+                   "time/epoch_seconds": epoch_seconds,
+                   **throughput(self.plan, self.task, epoch_seconds, self.cfg.train.peak_tflops, self.accelerator)}
             self.tracker.log(row)
             self.tracker.flush()
             self.summary.update(metrics, epoch=s.epoch, step=s.step, seconds=s.elapsed)
@@ -436,26 +427,6 @@ class Trainer:
         self.print(self._epoch_line(metrics, epoch_seconds))
         if message:
             self.print(message)
-
-    def _throughput(self, epoch_seconds: float) -> dict[str, float]:
-        out = {"throughput/samples_per_sec": self.plan.steps_per_epoch * self.plan.global_batch / epoch_seconds}
-        if self.task.tokens_per_sample:
-            out["throughput/tokens_per_sec"] = out["throughput/samples_per_sec"] * self.task.tokens_per_sample
-            peak = self._peak_flops()
-            if peak and self.task.flops_per_token:
-                out["throughput/mfu"] = (out["throughput/tokens_per_sec"] * self.task.flops_per_token
-                                         / (peak * self.accelerator.num_processes))
-        return out
-
-    def _peak_flops(self) -> float:
-        """Peak FLOP/s of one device: train.peak_tflops, else the bf16 dense peak of a known GPU, else 0."""
-        if self.cfg.train.peak_tflops:
-            return self.cfg.train.peak_tflops * 1e12
-        if self.accelerator.device.type != "cuda":
-            return 0.0
-        name = torch.cuda.get_device_name(self.accelerator.device)
-        known = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 125, "L4": 121, "V100": 125}
-        return next((tflops * 1e12 for key, tflops in known.items() if key in name), 0.0)
 
     def _epoch_line(self, metrics: dict[str, float], seconds: float) -> str:
         vals = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
