@@ -68,8 +68,8 @@ def child_train(out: str, argv: list[str]) -> None:
         marks["trainer_built"] = time.time()
 
     def timed_step(self, batch):
-        result = step(self, batch)
-        if result[2] is not None and "first_step" not in marks:
+        result = step(self, batch)  # True once an optimizer step completed
+        if result and "first_step" not in marks:
             marks["first_step"] = time.time()
             if self.accelerator.is_main_process:
                 Path(out).write_text(json.dumps(marks))
