@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 

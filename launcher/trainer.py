@@ -105,7 +105,7 @@ class Trainer:
         self.faults = Faults.from_env(acc.process_index)
         self.guard = StepGuard(acc, cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, self.preemption)
         self.checkpoints = Checkpointer(cfg.checkpoint, run_dir, acc, self.model,
-                                        compat_values(cfg, len(self.task.train_set)), self.faults)
+                                        compat_values(cfg, len(self.task.train_set)), self.faults, self.optimizer)
         self.resumed_from: str | None = None
         self._preempt_checkpoint: str | None = None
         self._bar = None
@@ -266,7 +266,8 @@ class Trainer:
         self.summary.load_state_dict(state["summary"])
         self.resumed_from = path
         self.print(f"resumed from {path}: step {self.state.step}, epoch {self.state.epoch} "
-                   f"+ {self.state.step_in_epoch} steps")
+                   f"+ {self.state.step_in_epoch} steps" + (f"; {self.checkpoints.elastic}" if self.checkpoints.elastic
+                                                            else ""))
         return state.get("run_id")
 
     def _preempt(self, saved: str | None = None) -> None:

@@ -1,0 +1,126 @@
+"""Resuming on another number of processes: what must stay equal, and loading state written by N ranks on M.
+
+The data order follows from the global batch alone (`EpochSampler` cuts each epoch's permutation
+into global batches; Accelerate deals each one's per-device pieces to the ranks), and every random
+choice of data from (seed, epoch, sample index) (`SampleRandom`). So a checkpoint resumes on any
+number of processes that keeps the global batch (per-device batch x processes x accumulation): the
+same samples in every optimizer step, the same LR at every step (the plan and the schedule are
+functions of the global batch), the same plateau state.
+
+What is loaded, by how the state was saved:
+
+- replicated (one process, DDP): `model.safetensors` and `optimizer.bin` hold the whole model and
+  optimizer whatever the world size; they are loaded into the unwrapped model (DDP's `module.`
+  prefix removed or not there) and the optimizer, on every rank.
+- DeepSpeed ZeRO / FSDP: every rank writes its own shard; those resume on the world size that
+  wrote them (elsewhere the refusal names the process count to use).
+
+RNG states: with the same world size each rank gets its own back; on another world size every rank
+gets rank 0's, as every rank starts a fresh run from the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from launcher.errors import UsageError
+
+REPLICATED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU")
+"""Accelerate distributed types whose model and optimizer state is the same on every rank."""
+
+
+def distributed_type(accelerator) -> str:
+    return str(accelerator.distributed_type).split(".")[-1]
+
+
+def global_batch(values: dict[str, Any], num_processes: int) -> int | None:
+    """per-device batch x processes x accumulation from a checkpoint's recipe values."""
+    batch = values.get("train.batch_size")
+    if not isinstance(batch, int):
+        return None
+    return batch * int(values.get("train.grad_accum_steps") or 1) * num_processes
+
+
+def keep_hint(target: int, num_processes: int, batch_size: int, grad_accum: int) -> str:
+    """The settings that give `target` samples per optimizer step on `num_processes` processes."""
+    if target % num_processes:
+        counts = [n for n in range(1, min(target, 1024) + 1) if target % n == 0]
+        near = sorted(counts, key=lambda n: (abs(n - num_processes), n))[:2]
+        return (f"no per-device batch gives {target} on {num_processes} processes: use a process count that "
+                f"divides it (e.g. {', '.join(map(str, sorted(near)))})")
+    per = target // num_processes
+    options = []
+    if grad_accum > 1 and per % grad_accum == 0:
+        options.append(f"--train.batch_size={per // grad_accum}")
+    if per % batch_size == 0 and per // batch_size != grad_accum:
+        options.append(f"--train.grad_accum_steps={per // batch_size}")
+    options.append(f"--train.batch_size={per} --train.grad_accum_steps=1")
+    seen = list(dict.fromkeys(options))
+    return "keep it with " + " or ".join(seen[:2])
+
+
+def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], accelerator) -> str | None:
+    """None if the checkpoint resumes here as saved; a line for the log when it resumes on another
+    process count or split of the global batch; UsageError when it cannot (another global batch,
+    sharded state on another process count)."""
+    old_n, new_n = int(meta["world_size"]), accelerator.num_processes
+    old_gb, new_gb = global_batch(meta["compat"], old_n), global_batch(compat, new_n)
+    old_kind = meta.get("distributed_type") or "NO"
+    new_kind = distributed_type(accelerator)
+    if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED):
+        raise UsageError(
+            f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es); this run has {new_n} "
+            f"({new_kind}); resume it with {old_n} process(es)")
+    if old_gb != new_gb:
+        was = f"{old_n} process(es) x {meta['compat'].get('train.batch_size')} x " \
+              f"{meta['compat'].get('train.grad_accum_steps', 1)} accumulation"
+        now = f"{new_n} x {compat.get('train.batch_size')} x {compat.get('train.grad_accum_steps', 1)}"
+        hint = keep_hint(old_gb or 0, new_n, int(compat.get("train.batch_size") or 1),
+                         int(compat.get("train.grad_accum_steps") or 1))
+        raise UsageError(
+            f"--resume: {name} was trained with a global batch of {old_gb} ({was}); this run has {now} = {new_gb}: "
+            f"{hint}, or start a fresh run in another --output_dir")
+    if old_n == new_n:
+        return None
+    return f"{old_n} -> {new_n} process(es), global batch {new_gb} kept"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_replicated(accelerator, model: torch.nn.Module, optimizer, path: str) -> None:
+    """Load whole-model and whole-optimizer files saved by any number of processes, on every rank."""
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+
+        state = load_file(weights, device="cpu")
+    else:
+        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    _unwrap(model).load_state_dict(_strip(state))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu",
+                                         weights_only=True))
+    scaler = getattr(accelerator, "scaler", None)
+    scaler_file = os.path.join(path, "scaler.pt")
+    if scaler is not None and os.path.isfile(scaler_file):
+        scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))
+
+
+def rng_file(path: str, process_index: int, same_world_size: bool) -> str:
+    return os.path.join(path, f"rng_{process_index if same_world_size else 0}.pt")
