@@ -1,0 +1,76 @@
+"""Resume on another number of processes (same global batch): 1 -> 2 and 2 -> 1 gloo processes.
+
+mnist1d_fast (warmup, per-step decay, plateau) on 512 samples, global batch 32 (1 x 32 or 2 x 16),
+4 epochs of 16 steps, a checkpoint every 5 steps; killed right after step 23 and resumed with
+`--resume auto` from step 20 on the other process count. The LR column and the step count equal
+the uninterrupted 1-process run's; `train/loss` and `val/loss` agree within float rounding (2 x 16
+sums the gradients in another order than 1 x 32).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY, assert_usage_error, read_metrics, train, train_ddp
+
+BASE = ["--recipe", "recipes/mnist1d_fast.yaml", *TINY, "--train.num_epochs=4", "--checkpoint.every_n_steps=5"]
+ONE = [*BASE, "--train.batch_size=32"]
+TWO = [*BASE, "--train.batch_size=16"]
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def rows(run_dir: Path) -> tuple[list, list]:
+    return read_metrics(run_dir)
+
+
+def assert_follows(run_dir: Path, ref: Path) -> float:
+    """Same steps and LR column as `ref`, losses within 1e-4 relative; returns the largest relative difference."""
+    (steps, evals), (ref_steps, ref_evals) = rows(run_dir), rows(ref)
+    assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == list(range(1, 65))
+    assert [r["lr"] for r in steps] == pytest.approx([r["lr"] for r in ref_steps], rel=1e-12)
+    assert [r["step"] for r in evals] == [r["step"] for r in ref_evals] == [16, 32, 48, 64]
+    worst = 0.0
+    for a, b in zip(steps + evals, ref_steps + ref_evals):
+        for key in ("train/loss", "val/loss"):
+            if key in b:
+                worst = max(worst, abs(a[key] - b[key]) / abs(b[key]))
+    assert worst < 1e-4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == 64
+    return worst
+
+
+def test_resume_on_another_process_count_keeps_the_run(tmp_path):
+    ref = tmp_path / "ref"
+    assert train(*ONE, "--output_dir", str(ref)).returncode == 0
+
+    # 1 process x 32 -> 2 processes x 16
+    one = tmp_path / "one-to-two"
+    killed = train(*ONE, "--output_dir", str(one), LAUNCHER_TEST_KILL_AT_STEP="23")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = train_ddp(*TWO, "--output_dir", str(one), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"resumed from {one / 'checkpoints' / 'step_00000020'}: step 20, epoch 1 + 4 steps; "
+            "1 -> 2 process(es), global batch 32 kept") in resumed.stdout
+    print(f"1 -> 2: max relative loss difference {assert_follows(one, ref):.2e}")
+
+    # 2 processes x 16 -> 1 process x 32
+    two = tmp_path / "two-to-one"
+    killed = train_ddp(*TWO, "--output_dir", str(two), LAUNCHER_TEST_KILL_AT_STEP="23")
+    assert killed.returncode != 0
+    resumed = train(*ONE, "--output_dir", str(two), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "2 -> 1 process(es), global batch 32 kept" in resumed.stdout
+    print(f"2 -> 1: max relative loss difference {assert_follows(two, ref):.2e}")
+
+    # Another global batch is refused with the settings that would keep it; nothing is written.
+    before = {p: p.read_bytes() for p in one.rglob("*") if p.is_file()}
+    refused = train(*TWO, "--output_dir", str(one), "--resume", "auto")
+    assert_usage_error(refused, "step_00000064 was trained with a global batch of 32 (2 process(es) x 16 x 1 "
+                       "accumulation); this run has 1 x 16 x 1 = 16: keep it with --train.grad_accum_steps=2 or "
+                       "--train.batch_size=32 --train.grad_accum_steps=1")
+    assert {p: p.read_bytes() for p in one.rglob("*") if p.is_file()} == before
