@@ -39,7 +39,12 @@ import torch
 
 from launcher.config import CheckpointConfig, Config, flatten, to_dict
 from launcher.errors import UsageError
-from launcher.resharding import check_world_size, distributed_type, load_replicated, rng_file
+from launcher.resharding import (
+    check_world_size,
+    distributed_type,
+    load_replicated,
+    rng_file,
+)
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -230,6 +235,62 @@ def _write_json(path: str, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_resume(resume: str, checkpoints_dir: str, accelerator) -> str | None:
+    """The checkpoint `--resume` names; every rank must call it (the main process decides, the others
+    get its answer). UsageError when there is none to take.
+
+    `auto`: the newest intact checkpoint in `checkpoints_dir`; None (a fresh start) if there is no
+    checkpoint at all; refused if there are checkpoints but none is intact. A path: a checkpoint
+    folder, or a run / checkpoints folder (its newest intact checkpoint).
+    """
+    decision: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        decision = list(_find(resume, checkpoints_dir))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(decision, from_process=0)
+    path, problem = decision
+    if problem:
+        raise UsageError(problem)
+    return path
+
+
+def _find(resume: str, checkpoints_dir: str) -> tuple[str | None, str | None]:
+    """(path, None), (None, None) for a fresh start, or (None, the one-line refusal)."""
+    if resume == "auto":
+        return _newest(checkpoints_dir, "auto")
+    path = os.path.abspath(resume)
+    if _STEP_DIR.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, "meta.json")):
+        ckpt, problem = inspect(path, verify=True)
+        if ckpt is None:
+            return None, (f"--resume: checkpoint {resume!r} is not usable: {problem}; "
+                          f"pass --resume auto or an earlier checkpoint")
+        return ckpt.path, None
+    folder = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) else path
+    found, problem = _newest(folder, resume)
+    if found is None and problem is None:
+        return None, (f"--resume: no complete checkpoint in {resume!r}; pass a run directory, a "
+                      f"checkpoints/step_N folder, or --resume auto to start fresh when there is none")
+    return found, problem
+
+
+def _newest(folder: str, resume: str) -> tuple[str | None, str | None]:
+    """The newest intact checkpoint in `folder` (one warning line per newer damaged one); a refusal
+    when there are checkpoints but none is intact (a fresh start would train over the run's metrics)."""
+    ckpt, skipped = newest_intact(folder)
+    if ckpt is None and skipped:
+        path, problem = skipped[0]
+        run = os.path.dirname(folder.rstrip(os.sep))
+        return None, (f"--resume {resume}: none of the {len(skipped)} checkpoint(s) in {folder} is intact "
+                      f"(newest, {os.path.basename(path)}: {problem}); nothing was changed; see "
+                      f"python -m launcher.checkpoint verify {run}, then resume from a copy of a good "
+                      f"checkpoint or start a fresh run in another --output_dir")
+    for path, problem in skipped:
+        print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    return (ckpt.path if ckpt else None), None
+
+
 class Checkpointer:
     """Saves and loads `step_N` checkpoints; every rank must call `save`, `resolve` and `load` together."""
 
@@ -353,55 +414,9 @@ class Checkpointer:
 
     # -- resume ----------------------------------------------------------------------------------
     def resolve(self, resume: str) -> str | None:
-        """The checkpoint to resume from (the main process decides, every rank gets the answer).
-
-        `auto`: the newest complete checkpoint of this run, None if there is none. A path: a
-        checkpoint folder, or a run / checkpoints folder (its newest complete checkpoint).
-        """
-        decision: list[Any] = [None, None]
-        if self.is_main:
-            decision = list(self._find(resume))
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(decision, from_process=0)
-        path, problem = decision
-        if problem:
-            raise UsageError(problem)
-        return path
-
-    def _find(self, resume: str) -> tuple[str | None, str | None]:
-        """(path, None), (None, None) for a fresh start, or (None, the one-line refusal)."""
-        if resume == "auto":
-            return self._newest(self.dir, "auto")
-        path = os.path.abspath(resume)
-        if _STEP_DIR.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, "meta.json")):
-            ckpt, problem = inspect(path, verify=True)
-            if ckpt is None:
-                return None, (f"--resume: checkpoint {resume!r} is not usable: {problem}; "
-                              f"pass --resume auto or an earlier checkpoint")
-            return ckpt.path, None
-        folder = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) else path
-        found, problem = self._newest(folder, resume)
-        if found is None and problem is None:
-            return None, (f"--resume: no complete checkpoint in {resume!r}; pass a run directory, a "
-                          f"checkpoints/step_N folder, or --resume auto to start fresh when there is none")
-        return found, problem
-
-    def _newest(self, folder: str, resume: str) -> tuple[str | None, str | None]:
-        """The newest intact checkpoint in `folder` (one warning line per newer damaged one); a refusal
-        when there are checkpoints but none is intact (a fresh start would train over the run's metrics)."""
-        ckpt, skipped = newest_intact(folder)
-        if ckpt is None and skipped:
-            path, problem = skipped[0]
-            run = os.path.dirname(folder.rstrip(os.sep))
-            return None, (f"--resume {resume}: none of the {len(skipped)} checkpoint(s) in {folder} is intact "
-                          f"(newest, {os.path.basename(path)}: {problem}); nothing was changed; see "
-                          f"python -m launcher.checkpoint verify {run}, then resume from a copy of a good "
-                          f"checkpoint or start a fresh run in another --output_dir")
-        for path, problem in skipped:
-            self._print(f"warning: skipping checkpoint {path}: {problem}")
-        return (ckpt.path if ckpt else None), None
+        """The checkpoint to resume from (the main process decides, every rank gets the answer); see
+        `resolve_resume`."""
+        return resolve_resume(resume, self.dir, self.accelerator)
 
     def check_compatible(self, path: str) -> dict[str, Any]:
         """meta.json of `path`, or UsageError saying what differs from this run."""
@@ -433,7 +448,7 @@ class Checkpointer:
         same = meta["world_size"] == acc.num_processes
         if same:
             acc.load_state(path)
-        else:  # replicated state (check_compatible refuses sharded state on another world size)
+        else:  # replicated state (check_compatible refuses other sharded state on another world size)
             load_replicated(acc, self.model, self.optimizer, path)
         set_rng_state(torch.load(rng_file(path, acc.process_index, same), weights_only=True))
         with open(os.path.join(path, "state.json")) as f:

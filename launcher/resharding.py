@@ -12,8 +12,11 @@ What is loaded, by how the state was saved:
 - replicated (one process, DDP): `model.safetensors` and `optimizer.bin` hold the whole model and
   optimizer whatever the world size; they are loaded into the unwrapped model (DDP's `module.`
   prefix removed or not there) and the optimizer, on every rank.
-- DeepSpeed ZeRO / FSDP: every rank writes its own shard; those resume on the world size that
-  wrote them (elsewhere the refusal names the process count to use).
+- DeepSpeed ZeRO and FSDP: every rank's shard is laid out for the process count that wrote it, and
+  they resume on that count (the refusal says so). DeepSpeed 0.19 itself refuses to load ZeRO
+  optimizer partitions on another data-parallel size ("Automatic adjustment of ZeRO's optimizer
+  state partitioning with a new world size is not currently supported") unless the checkpoint is
+  first converted to its universal format.
 
 RNG states: with the same world size each rank gets its own back; on another world size every rank
 gets rank 0's, as every rank starts a fresh run from the same seed.
@@ -72,8 +75,8 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     new_kind = distributed_type(accelerator)
     if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED):
         raise UsageError(
-            f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es); this run has {new_n} "
-            f"({new_kind}); resume it with {old_n} process(es)")
+            f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es) and cannot be "
+            f"resharded to this run's {new_n} ({new_kind}); resume it with {old_n} process(es)")
     if old_gb != new_gb:
         was = f"{old_n} process(es) x {meta['compat'].get('train.batch_size')} x " \
               f"{meta['compat'].get('train.grad_accum_steps', 1)} accumulation"
@@ -124,3 +127,35 @@ def load_replicated(accelerator, model: torch.nn.Module, optimizer, path: str) -
 
 def rng_file(path: str, process_index: int, same_world_size: bool) -> str:
     return os.path.join(path, f"rng_{process_index if same_world_size else 0}.pt")
+
+
+def keep_global_batch(cfg, checkpoint: str | None, accelerator):
+    """The recipe with `train.batch_size` set so that this run's global batch is the checkpoint's.
+
+    Applies when the run resumes on another process count with the checkpoint's own per-device batch
+    and accumulation (a requeued job that landed on another allocation): per-device batch =
+    global batch / (processes x accumulation), if that divides. Anything else is left as it is for
+    `check_world_size` to accept or refuse: settings the user changed, a global batch that no
+    per-device batch gives here, DeepSpeed (its config was sized before this point).
+    """
+    import dataclasses
+    import json
+    import sys
+
+    if checkpoint is None:
+        return cfg
+    with open(os.path.join(checkpoint, "meta.json")) as f:
+        meta = json.load(f)
+    saved = meta.get("compat") or {}
+    n, t = accelerator.num_processes, cfg.train
+    target = global_batch(saved, int(meta["world_size"]))
+    if (target is None or target == t.batch_size * t.grad_accum_steps * n or distributed_type(accelerator) == "DEEPSPEED"
+            or saved.get("train.batch_size") != t.batch_size
+            or int(saved.get("train.grad_accum_steps") or 1) != t.grad_accum_steps
+            or target % (n * t.grad_accum_steps)):
+        return cfg
+    batch = target // (n * t.grad_accum_steps)
+    if accelerator.is_main_process:
+        print(f"resume: {n} process(es) instead of {meta['world_size']}: train.batch_size {t.batch_size} -> {batch} "
+              f"per device keeps the checkpoint's global batch of {target}", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=batch))

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from launcher.checkpoint import Checkpointer, compat_values
+from launcher.checkpoint import CHECKPOINTS, Checkpointer, compat_values, resolve_resume
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import EpochSampler, build_loaders, cast_floats
 from launcher.distributed import (
@@ -39,6 +39,7 @@ from launcher.distributed import (
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.preemption import Faults, Preemption, StepGuard, Verdict
+from launcher.resharding import keep_global_batch
 from launcher.schedule import LRScheduler
 from launcher.tasks import build_task
 from launcher.tracking import NullTracker, RunSummary, Tracker
@@ -80,6 +81,9 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.task = build_task(cfg.task, cfg.data)
+        # Chosen before the plan: on another process count the per-device batch follows the checkpoint's global batch.
+        self.resume_path = resolve_resume(resume, os.path.join(run_dir, CHECKPOINTS), acc) if resume is not None else None
+        cfg = self.cfg = keep_global_batch(cfg, self.resume_path, acc)
         self.plan = dataclasses.replace(
             make_plan(cfg, acc.num_processes, len(self.task.train_set)),
             distributed_type=str(acc.distributed_type).split(".")[-1], num_machines=_num_machines(),
@@ -255,7 +259,7 @@ class Trainer:
 
     def _resume(self, resume: str) -> str | None:
         """Load the checkpoint `resume` names on every rank; returns the tracker run id saved with it."""
-        path = self.checkpoints.resolve(resume)
+        path = self.resume_path
         if path is None:
             self.print(f"--resume {resume}: no complete checkpoint in {self.checkpoints.dir}; starting fresh")
             return None

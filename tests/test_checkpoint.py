@@ -82,12 +82,12 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 
 def fake_checkpoint(folder: Path, step: int, world_size: int = 1, compat: dict | None = None,
-                    shapes: dict | None = None, complete: bool = True) -> Path:
+                    shapes: dict | None = None, complete: bool = True, distributed_type: str = "NO") -> Path:
     path = folder / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(b"x" * 64)
     meta = {"format_version": 1, "step": step, "epoch": 1, "reason": "step", "metrics": {}, "world_size": world_size,
-            "compat": compat or {}, "param_shapes": shapes or {}}
+            "distributed_type": distributed_type, "compat": compat or {}, "param_shapes": shapes or {}}
     (path / "meta.json").write_text(json.dumps(meta))
     if complete:
         files = {name: os.path.getsize(path / name) for name in ("model.safetensors", "meta.json")}
@@ -132,6 +132,11 @@ def test_compatibility_check_says_what_differs(tmp_path):
     with pytest.raises(UsageError, match=r"on 3 processes: use a process count that divides it \(e.g. 2, 4\), or "
                                          r"start a fresh run"):
         checkpointer(tmp_path, model, compat, num_processes=3).check_compatible(path)
+    sharded = str(fake_checkpoint(tmp_path / "ds", 5, world_size=2, compat={**compat, "train.batch_size": 16},
+                                  shapes=shapes, distributed_type="DEEPSPEED"))
+    with pytest.raises(UsageError, match=r"holds DEEPSPEED state sharded over 2 process\(es\) and cannot be resharded "
+                                         r"to this run's 1 \(NO\); resume it with 2 process\(es\)"):
+        checkpointer(tmp_path, model, compat).check_compatible(sharded)
     with pytest.raises(UsageError, match=r"optim\.lr 0\.005 -> 0\.01\)"):
         checkpointer(tmp_path, model, {"optim.lr": 0.01, "train.batch_size": 32}).check_compatible(path)
     with pytest.raises(UsageError, match=r"weight \[3, 4\] -> \[5, 4\]"):

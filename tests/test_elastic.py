@@ -4,7 +4,8 @@ mnist1d_fast (warmup, per-step decay, plateau) on 512 samples, global batch 32 (
 4 epochs of 16 steps, a checkpoint every 5 steps; killed right after step 23 and resumed with
 `--resume auto` from step 20 on the other process count. The LR column and the step count equal
 the uninterrupted 1-process run's; `train/loss` and `val/loss` agree within float rounding (2 x 16
-sums the gradients in another order than 1 x 32).
+sums the gradients in another order than 1 x 32). Resumed with the command that started the run, on
+another process count, the per-device batch follows the checkpoint's global batch.
 """
 
 from __future__ import annotations
@@ -58,19 +59,24 @@ def test_resume_on_another_process_count_keeps_the_run(tmp_path):
             "1 -> 2 process(es), global batch 32 kept") in resumed.stdout
     print(f"1 -> 2: max relative loss difference {assert_follows(one, ref):.2e}")
 
-    # 2 processes x 16 -> 1 process x 32
+    # 2 processes x 16 -> 1 process, the same command (a requeue on a smaller allocation): the
+    # per-device batch follows the checkpoint's global batch by itself.
     two = tmp_path / "two-to-one"
     killed = train_ddp(*TWO, "--output_dir", str(two), LAUNCHER_TEST_KILL_AT_STEP="23")
     assert killed.returncode != 0
-    resumed = train(*ONE, "--output_dir", str(two), "--resume", "auto")
+    resumed = train(*TWO, "--output_dir", str(two), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("resume: 1 process(es) instead of 2: train.batch_size 16 -> 32 per device keeps the checkpoint's "
+            "global batch of 32") in resumed.stderr
     assert "2 -> 1 process(es), global batch 32 kept" in resumed.stdout
+    assert json.loads((two / "plan.json").read_text())["per_device_batch"] == 32
     print(f"2 -> 1: max relative loss difference {assert_follows(two, ref):.2e}")
 
     # Another global batch is refused with the settings that would keep it; nothing is written.
     before = {p: p.read_bytes() for p in one.rglob("*") if p.is_file()}
-    refused = train(*TWO, "--output_dir", str(one), "--resume", "auto")
+    refused = train(*BASE, "--train.batch_size=8", "--output_dir", str(one), "--resume", "auto")
     assert_usage_error(refused, "step_00000064 was trained with a global batch of 32 (2 process(es) x 16 x 1 "
-                       "accumulation); this run has 1 x 16 x 1 = 16: keep it with --train.grad_accum_steps=2 or "
+                       "accumulation); this run has 1 x 8 x 1 = 8: keep it with --train.grad_accum_steps=4 or "
                        "--train.batch_size=32 --train.grad_accum_steps=1")
     assert {p: p.read_bytes() for p in one.rglob("*") if p.is_file()} == before
+
