@@ -197,9 +197,10 @@ class InMemoryLoader:
     collate_fn=collate_fn))` yields on CPU with no worker processes, without its ~45 us per batch (3%
     of a MNIST-1D CNN step; bench/overhead.py): process r of n takes batches r, r + n, r + 2n, ... of
     the sampler's order (Accelerate's round-robin), from the sampler's current epoch and start. Both
-    of the DataLoader pair's uses of torch's global RNG are kept, so a task that draws from it while
-    loading (gpt's random windows) gets the same numbers: one draw per epoch (the iterator's base
-    seed) and each batch read one ahead of the one yielded (Accelerate's look-ahead).
+    of the DataLoader pair's uses of torch's global RNG are kept, so a task that still draws from it
+    while loading (instead of `SampleRandom`) gets the same numbers as with the DataLoader: one draw
+    per epoch (the iterator's base seed) and each batch read one ahead of the one yielded
+    (Accelerate's look-ahead).
     """
 
     def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, process_index: int = 0,
