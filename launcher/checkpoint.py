@@ -42,6 +42,7 @@ from launcher.errors import UsageError
 from launcher.resharding import (
     check_world_size,
     distributed_type,
+    global_batch,
     load_replicated,
     rng_file,
 )
@@ -304,6 +305,10 @@ class Checkpointer:
         """Needed to load a checkpoint written by another number of processes."""
         self.compat = compat
         self.faults = faults
+        self.new_global_batch = False
+        """Accept a checkpoint of another global batch (`--new_global_batch`); refused otherwise."""
+        self.loaded_global_batch: int | None = None
+        """Set by `load`: the checkpoint's global batch."""
         self.elastic: str | None = None
         """Set by `check_compatible`: how the resumed run differs in processes / global batch, or None."""
         self.last_saved: str | None = None
@@ -423,7 +428,7 @@ class Checkpointer:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         name = os.path.basename(path)
-        self.elastic = check_world_size(name, meta, self.compat, self.accelerator)
+        self.elastic = check_world_size(name, meta, self.compat, self.accelerator, self.new_global_batch)
         old, new = meta["compat"], self.compat
         diffs = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
                  for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in ELASTIC]
@@ -453,6 +458,7 @@ class Checkpointer:
         set_rng_state(torch.load(rng_file(path, acc.process_index, same), weights_only=True))
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
+        self.loaded_global_batch = global_batch(meta["compat"], int(meta["world_size"]))
         self.last_saved = path
         return state
 

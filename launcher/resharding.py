@@ -65,10 +65,11 @@ def keep_hint(target: int, num_processes: int, batch_size: int, grad_accum: int)
     return "keep it with " + " or ".join(seen[:2])
 
 
-def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], accelerator) -> str | None:
+def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], accelerator,
+                     new_global_batch: bool = False) -> str | None:
     """None if the checkpoint resumes here as saved; a line for the log when it resumes on another
-    process count or split of the global batch; UsageError when it cannot (another global batch,
-    sharded state on another process count)."""
+    process count or split of the global batch; UsageError when it cannot (another global batch
+    without `new_global_batch`, sharded state on another process count)."""
     old_n, new_n = int(meta["world_size"]), accelerator.num_processes
     old_gb, new_gb = global_batch(meta["compat"], old_n), global_batch(compat, new_n)
     old_kind = meta.get("distributed_type") or "NO"
@@ -77,6 +78,8 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
         raise UsageError(
             f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es) and cannot be "
             f"resharded to this run's {new_n} ({new_kind}); resume it with {old_n} process(es)")
+    if old_gb != new_gb and new_global_batch and old_gb:
+        return f"global batch {old_gb} -> {new_gb} (--new_global_batch; {old_n} -> {new_n} process(es))"
     if old_gb != new_gb:
         was = f"{old_n} process(es) x {meta['compat'].get('train.batch_size')} x " \
               f"{meta['compat'].get('train.grad_accum_steps', 1)} accumulation"
@@ -85,7 +88,7 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
                          int(compat.get("train.grad_accum_steps") or 1))
         raise UsageError(
             f"--resume: {name} was trained with a global batch of {old_gb} ({was}); this run has {now} = {new_gb}: "
-            f"{hint}, or start a fresh run in another --output_dir")
+            f"{hint}, or pass --new_global_batch to continue with {new_gb}")
     if old_n == new_n:
         return None
     return f"{old_n} -> {new_n} process(es), global batch {new_gb} kept"
@@ -159,3 +162,35 @@ def keep_global_batch(cfg, checkpoint: str | None, accelerator):
         print(f"resume: {n} process(es) instead of {meta['world_size']}: train.batch_size {t.batch_size} -> {batch} "
               f"per device keeps the checkpoint's global batch of {target}", file=sys.stderr, flush=True)
     return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=batch))
+
+
+def rebatch(state: dict[str, Any], old_global_batch: int, plan, scheduler_now: dict[str, Any]) -> tuple[dict, str]:
+    """state.json of a checkpoint, moved onto `plan`'s (new) global batch; and a line for the log.
+
+    The run continues in the same epoch at the first new global batch that starts at or before the
+    checkpoint's sample position (up to one global batch is read again). `step` keeps counting
+    optimizer updates; the schedule continues at the same fraction of the run in the new plan's
+    steps (warmup, decay, base LR of the new global batch), with the plateau state as saved.
+    """
+    train_state = dict(state["train_state"])
+    samples = int(train_state["step_in_epoch"]) * old_global_batch
+    step_in_epoch = min(samples // plan.global_batch, plan.steps_per_epoch)
+    position = int(train_state["epoch"]) * plan.steps_per_epoch + step_in_epoch
+    scheduler = {**state["scheduler"], "num_steps": position,
+                 **{k: scheduler_now[k] for k in ("base_lrs", "warmup_steps", "steps_per_epoch", "total_steps")}}
+    train_state["step_in_epoch"] = step_in_epoch
+    again = samples - step_in_epoch * plan.global_batch
+    line = (f"global batch {old_global_batch} -> {plan.global_batch}: epoch {train_state['epoch']} continues at "
+            f"sample {step_in_epoch * plan.global_batch}" + (f" ({again} read again)" if again else "")
+            + f", the schedule at step {position} of {plan.total_steps}")
+    return {**state, "train_state": train_state, "scheduler": scheduler}, line
+
+
+def continue_plan(plan, train_state: dict[str, Any]):
+    """`plan` with total_steps counted like `train_state['step']`, which may run ahead of the plan's own
+    step numbers after a change of global batch (`rebatch`); the same plan otherwise."""
+    import dataclasses
+
+    offset = int(train_state["step"]) - (int(train_state["epoch"]) * plan.steps_per_epoch
+                                         + int(train_state["step_in_epoch"]))
+    return dataclasses.replace(plan, total_steps=plan.total_steps + offset) if offset else plan

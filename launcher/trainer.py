@@ -39,7 +39,7 @@ from launcher.distributed import (
 from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.preemption import Faults, Preemption, StepGuard, Verdict
-from launcher.resharding import keep_global_batch
+from launcher.resharding import continue_plan, keep_global_batch, rebatch
 from launcher.schedule import LRScheduler
 from launcher.tasks import build_task
 from launcher.tracking import NullTracker, RunSummary, Tracker
@@ -68,7 +68,8 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None):
+    def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None,
+                 new_global_batch: bool = False):
         self.cfg = cfg
         self.run_dir = run_dir
         self.accelerator = accelerator or make_accelerator(cfg.train, cfg.optim.clip_grad_norm)
@@ -83,7 +84,7 @@ class Trainer:
         self.task = build_task(cfg.task, cfg.data)
         # Chosen before the plan: on another process count the per-device batch follows the checkpoint's global batch.
         self.resume_path = resolve_resume(resume, os.path.join(run_dir, CHECKPOINTS), acc) if resume is not None else None
-        cfg = self.cfg = keep_global_batch(cfg, self.resume_path, acc)
+        cfg = self.cfg = cfg if new_global_batch else keep_global_batch(cfg, self.resume_path, acc)
         self.plan = dataclasses.replace(
             make_plan(cfg, acc.num_processes, len(self.task.train_set)),
             distributed_type=str(acc.distributed_type).split(".")[-1], num_machines=_num_machines(),
@@ -110,6 +111,7 @@ class Trainer:
         self.guard = StepGuard(acc, cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, self.preemption)
         self.checkpoints = Checkpointer(cfg.checkpoint, run_dir, acc, self.model,
                                         compat_values(cfg, len(self.task.train_set)), self.faults, self.optimizer)
+        self.checkpoints.new_global_batch = new_global_batch
         self.resumed_from: str | None = None
         self._preempt_checkpoint: str | None = None
         self._bar = None
@@ -264,6 +266,10 @@ class Trainer:
             self.print(f"--resume {resume}: no complete checkpoint in {self.checkpoints.dir}; starting fresh")
             return None
         state = self.checkpoints.load(path)
+        if self.checkpoints.loaded_global_batch not in (None, self.plan.global_batch):
+            state, line = rebatch(state, self.checkpoints.loaded_global_batch, self.plan, self.scheduler.state_dict())
+            self.print(line)
+        self.plan = continue_plan(self.plan, state["train_state"])
         self.state.load_state_dict(state["train_state"])
         self.state.status = "running"
         self.scheduler.load_state_dict(state["scheduler"])

@@ -130,7 +130,7 @@ def test_compatibility_check_says_what_differs(tmp_path):
                                          r"has 2 x 32 x 1 = 64: keep it with --train.batch_size=16 --train.grad_acc"):
         checkpointer(tmp_path, model, compat, num_processes=2).check_compatible(path)
     with pytest.raises(UsageError, match=r"on 3 processes: use a process count that divides it \(e.g. 2, 4\), or "
-                                         r"start a fresh run"):
+                                         r"pass --new_global_batch to continue with 96"):
         checkpointer(tmp_path, model, compat, num_processes=3).check_compatible(path)
     sharded = str(fake_checkpoint(tmp_path / "ds", 5, world_size=2, compat={**compat, "train.batch_size": 16},
                                   shapes=shapes, distributed_type="DEEPSPEED"))

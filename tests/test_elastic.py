@@ -80,3 +80,34 @@ def test_resume_on_another_process_count_keeps_the_run(tmp_path):
                        "--train.batch_size=32 --train.grad_accum_steps=1")
     assert {p: p.read_bytes() for p in one.rglob("*") if p.is_file()} == before
 
+
+
+def test_new_global_batch_is_refused_then_continued_with_the_flag(tmp_path):
+    """1 x 32 killed after step 23 (checkpoint at 20 = epoch 1 + 4 steps = sample 128), continued at 1 x 64:
+    epoch 1 goes on at sample 128 (step 2 of 8 in the new plan), and the LR follows the 64-sample plan
+    from its step 10 on, while `step` keeps counting updates (21, 22, ...)."""
+    ref = tmp_path / "ref64"
+    assert train(*BASE, "--train.batch_size=64", "--output_dir", str(ref)).returncode == 0
+    run_dir = tmp_path / "run"
+    killed = train(*ONE, "--output_dir", str(run_dir), LAUNCHER_TEST_KILL_AT_STEP="23")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused = train(*BASE, "--train.batch_size=64", "--output_dir", str(run_dir), "--resume", "auto")
+    assert_usage_error(refused, "global batch of 32", "this run has 1 x 64 x 1 = 64: keep it with "
+                       "--train.batch_size=32 --train.grad_accum_steps=1, or pass --new_global_batch to continue with 64")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+    resumed = train(*BASE, "--train.batch_size=64", "--output_dir", str(run_dir), "--resume", "auto",
+                    "--new_global_batch")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("global batch 32 -> 64: epoch 1 continues at sample 128, the schedule at step 10 of 32"
+            in resumed.stdout), resumed.stdout
+    steps, evals = read_metrics(run_dir)
+    assert [r["step"] for r in steps] == list(range(1, 43))  # 20 of 32 samples, then 22 of 64
+    assert [r["step"] for r in evals] == [16, 26, 34, 42] and evals[-1]["epoch"] == 4
+    ref_steps, _ = read_metrics(ref)
+    assert [r["lr"] for r in steps[20:]] == pytest.approx([r["lr"] for r in ref_steps[10:]], rel=1e-12)
+    assert json.loads((run_dir / "plan.json").read_text())["global_batch"] == 64
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == 42
