@@ -143,7 +143,6 @@ def keep_global_batch(cfg, checkpoint: str | None, accelerator):
     """
     import dataclasses
     import json
-    import sys
 
     if checkpoint is None:
         return cfg
@@ -160,7 +159,7 @@ def keep_global_batch(cfg, checkpoint: str | None, accelerator):
     batch = target // (n * t.grad_accum_steps)
     if accelerator.is_main_process:
         print(f"resume: {n} process(es) instead of {meta['world_size']}: train.batch_size {t.batch_size} -> {batch} "
-              f"per device keeps the checkpoint's global batch of {target}", file=sys.stderr, flush=True)
+              f"per device keeps the checkpoint's global batch of {target}", flush=True)
     return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=batch))
 
 

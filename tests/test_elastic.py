@@ -67,7 +67,7 @@ def test_resume_on_another_process_count_keeps_the_run(tmp_path):
     resumed = train(*TWO, "--output_dir", str(two), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ("resume: 1 process(es) instead of 2: train.batch_size 16 -> 32 per device keeps the checkpoint's "
-            "global batch of 32") in resumed.stderr
+            "global batch of 32") in resumed.stdout
     assert "2 -> 1 process(es), global batch 32 kept" in resumed.stdout
     assert json.loads((two / "plan.json").read_text())["per_device_batch"] == 32
     print(f"2 -> 1: max relative loss difference {assert_follows(two, ref):.2e}")
