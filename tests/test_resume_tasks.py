@@ -23,9 +23,11 @@ def columns(run_dir: Path) -> tuple[list, list]:
     return ([(r["step"], r["lr"], r["train/loss"]) for r in steps], [(r["step"], r["val/loss"]) for r in evals])
 
 
-def kill_and_resume(tmp_path: Path, args: list[str], kill_at: int, resumed_from: int, **env) -> tuple[list, list]:
+def kill_and_resume(tmp_path: Path, args: list[str], kill_at: int, resumed_from: int, ref_args: tuple = (),
+                    run_args: tuple = (), **env) -> tuple[list, list]:
     ref, run = tmp_path / "ref", tmp_path / "run"
-    result = train(*args, "--output_dir", str(ref), **env)
+    result = train(*args, *ref_args, "--output_dir", str(ref), **env)
+    args = [*args, *run_args]
     assert result.returncode == 0, result.stderr[-3000:]
     killed = train(*args, "--output_dir", str(run), LAUNCHER_TEST_KILL_AT_STEP=str(kill_at), **env)
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -56,10 +58,13 @@ def test_cifar10_augmented_mid_epoch_resume_is_bitwise(tmp_path):
 
     _write_archive(tmp_path / c10.ARCHIVE, _batches())  # 40 training, 8 test images
     args = ["--recipe", "recipes/cifar10_resnet18.yaml", "--task.model=resnet_tiny", "--task.options.augment=true",
-            f"--data.root={tmp_path}", "--train.batch_size=8", "--train.num_epochs=3", "--data.num_workers=0",
+            f"--data.root={tmp_path}", "--train.batch_size=8", "--train.num_epochs=3",
             "--checkpoint.every_n_steps=2", "--train.progress_bar=off", "--train.mixed_precision=no",
             "--train.channels_last=false", "--train.compile=false"]
-    kill_and_resume(tmp_path, args, kill_at=8, resumed_from=6)
+    # The uninterrupted run loads through a DataLoader with a worker process (which copies the dataset,
+    # and its sample_random, at every epoch's start); the killed one in process: the same crops either way.
+    kill_and_resume(tmp_path, args, kill_at=8, resumed_from=6, ref_args=("--data.num_workers=1",),
+                    run_args=("--data.num_workers=0",))
 
 
 TASK = textwrap.dedent('''
