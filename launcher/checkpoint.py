@@ -6,8 +6,8 @@ Layout: `<run_dir>/checkpoints/step_<N:08d>/`
                                          DeepSpeed / FSDP: every rank writes its shard)
   rng_<rank>.pt                          python, numpy, torch (and CUDA) RNG states of every rank
   state.json                             TrainState, LR scheduler (incl. plateau), RunSummary, tracker run id
-  meta.json                              step, epoch, reason, validation metrics, world size, the recipe
-                                         values that matter and the model's parameter shapes
+  meta.json                              step, epoch, reason, validation metrics, world size, distributed
+                                         type, the recipe values that matter and the model's parameter shapes
   COMPLETE                               manifest {file: size} and {file: sha256}, written and fsynced last
 
 Every rank writes into `checkpoints/.tmp-step_<N>/`; once all have finished, the main process writes

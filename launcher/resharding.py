@@ -72,7 +72,8 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     without `new_global_batch`, sharded state on another process count)."""
     old_n, new_n = int(meta["world_size"]), accelerator.num_processes
     old_gb, new_gb = global_batch(meta["compat"], old_n), global_batch(compat, new_n)
-    old_kind = meta.get("distributed_type") or "NO"
+    # (checkpoints that predate the field: only a one-process one is known to be replicated)
+    old_kind = meta.get("distributed_type") or ("NO" if old_n == 1 else "UNRECORDED")
     new_kind = distributed_type(accelerator)
     if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED):
         raise UsageError(
