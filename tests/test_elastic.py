@@ -111,3 +111,35 @@ def test_new_global_batch_is_refused_then_continued_with_the_flag(tmp_path):
     assert json.loads((run_dir / "plan.json").read_text())["global_batch"] == 64
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_step"] == 42
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_resumes_on_its_own_process_count_and_refuses_another(tmp_path):
+    """ZeRO-2 optimizer state is partitioned per process: 2 -> 1 is refused (the error line, training
+    processes exit 2, nothing written); 2 -> 2 continues bit for bit."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    from helpers import ACCELERATE, run
+
+    args = [*BASE, "--train.num_epochs=2", "--train.batch_size=8", "--train.grad_accum_steps=2"]
+
+    def launch(*extra: str, num_processes: int = 2, **env: str):
+        return run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes",
+                    str(num_processes), "-m", "launcher.train", *args, *extra], timeout=900, **env)
+
+    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert launch("--output_dir", str(ref)).returncode == 0
+    assert launch("--output_dir", str(run_dir), LAUNCHER_TEST_KILL_AT_STEP="13").returncode != 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused = launch("--output_dir", str(run_dir), "--resume", "auto", num_processes=1)
+    assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr
+    assert ("error: --resume: step_00000010 holds DEEPSPEED state sharded over 2 process(es) and cannot be "
+            "resharded to this run's 1 (DEEPSPEED); resume it with 2 process(es)") in refused.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    resumed = launch("--output_dir", str(run_dir), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000010'}:" in resumed.stdout
+    (steps, evals), (ref_steps, ref_evals) = rows(run_dir), rows(ref)
+    assert [(r["step"], r["lr"], r["train/loss"]) for r in steps] == \
+        [(r["step"], r["lr"], r["train/loss"]) for r in ref_steps]
+    assert [(r["step"], r["val/loss"]) for r in evals] == [(r["step"], r["val/loss"]) for r in ref_evals]
