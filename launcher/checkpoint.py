@@ -6,20 +6,24 @@ Layout: `<run_dir>/checkpoints/step_<N:08d>/`
                                          DeepSpeed / FSDP: every rank writes its shard)
   rng_<rank>.pt                          python, numpy, torch (and CUDA) RNG states of every rank
   state.json                             TrainState, LR scheduler (incl. plateau), RunSummary, tracker run id
-  meta.json                              step, epoch, reason, validation metrics, world size, the recipe
-                                         values that matter and the model's parameter shapes
-  COMPLETE                               manifest {file: size}, written and fsynced last
+  meta.json                              step, epoch, reason, validation metrics, world size, distributed
+                                         type, the recipe values that matter and the model's parameter shapes
+  COMPLETE                               manifest {file: size} and {file: sha256}, written and fsynced last
 
 Every rank writes into `checkpoints/.tmp-step_<N>/`; once all have finished, the main process writes
 the manifest, fsyncs and renames the folder to `step_<N>` (`os.replace`), then deletes old ones.
-A folder without a valid manifest is never loaded. Everything is loaded with
+A folder without a valid manifest, or with a file whose size or SHA-256 differs from it, is never
+loaded: `--resume auto` falls back to the newest intact one, and refuses (exit 2) when a run has
+checkpoints but none is intact. Everything is loaded with
 `torch.load(weights_only=True)` or safetensors; state.json and meta.json are plain JSON.
 
-List a run's checkpoints: `python -m launcher.checkpoint runs/NAME`.
+List a run's checkpoints: `python -m launcher.checkpoint runs/NAME`; check every file against its
+hash: `python -m launcher.checkpoint verify runs/NAME` (exit 1 if any checkpoint is damaged).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,6 +39,13 @@ import torch
 
 from launcher.config import CheckpointConfig, Config, flatten, to_dict
 from launcher.errors import UsageError
+from launcher.resharding import (
+    check_world_size,
+    distributed_type,
+    global_batch,
+    load_replicated,
+    rng_file,
+)
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -44,7 +55,9 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 MATTERS = ("task.", "optim.", "schedule.", "train.batch_size", "train.grad_accum_steps", "train.seed",
            "train.num_epochs", "train.max_steps")
-"""Recipe keys that must be equal for a resumed run to continue the same trajectory."""
+"""Recipe keys that must be equal for a resumed run to continue the same trajectory (the per-device
+batch and the accumulation only through the global batch they make with the process count)."""
+ELASTIC = ("train.batch_size", "train.grad_accum_steps")
 
 
 def checkpoint_name(step: int) -> str:
@@ -57,6 +70,12 @@ def compat_values(cfg: Config, num_train_samples: int) -> dict[str, Any]:
     values = {k: v for k, v in flat.items() if any(k == m or k.startswith(m) for m in MATTERS)}
     values["data.num_train_samples"] = num_train_samples
     return json.loads(json.dumps(values))
+
+
+def compat_defaults() -> dict[str, Any]:
+    """The default value of every key that matters for resuming (JSON-safe)."""
+    values = flatten(to_dict(Config()))
+    return json.loads(json.dumps({k: v for k, v in values.items() if any(k == m or k.startswith(m) for m in MATTERS)}))
 
 
 def param_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -109,8 +128,21 @@ class Checkpoint:
         return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def inspect(path: str) -> tuple[Checkpoint | None, str | None]:
-    """(checkpoint, None) if `path` is complete: manifest present and every file of the size it lists."""
+def sha256_file(path: str, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inspect(path: str, verify: bool = True) -> tuple[Checkpoint | None, str | None]:
+    """(checkpoint, None) if `path` is complete and intact, else (None, what is wrong).
+
+    Complete: the manifest is there and every file it lists has its size. With `verify`, every file's
+    SHA-256 is also checked against the manifest (manifests written before hashes were recorded are
+    checked by size only).
+    """
     marker = os.path.join(path, MARKER)
     if not os.path.isfile(marker):
         return None, f"no {MARKER} manifest (interrupted while being written)"
@@ -127,13 +159,23 @@ def inspect(path: str) -> tuple[Checkpoint | None, str | None]:
             return None, f"{rel} is missing"
         if os.path.getsize(file) != size:
             return None, f"{rel} has {os.path.getsize(file)} bytes, the manifest says {size}"
+    if verify:
+        hashes = manifest.get("sha256")
+        if hashes is not None and set(hashes) != set(manifest.get("files", {})):
+            return None, "the manifest's hashes do not cover its files"
+        for rel, expected in sorted((hashes or {}).items()):
+            if sha256_file(os.path.join(path, rel)) != expected:
+                return None, f"{rel} does not match its SHA-256 in the manifest (altered or corrupt)"
     if meta.get("format_version") != FORMAT_VERSION:
         return None, f"format version {meta.get('format_version')} (this code reads {FORMAT_VERSION})"
     return Checkpoint(path=path, step=int(meta["step"]), meta=meta), None
 
 
-def scan(checkpoints_dir: str) -> list[tuple[str, Checkpoint | None, str | None]]:
-    """All `step_N` folders, newest first, each with its checkpoint or what is wrong with it."""
+def scan(checkpoints_dir: str, verify: bool = False) -> list[tuple[str, Checkpoint | None, str | None]]:
+    """All `step_N` folders, newest first, each with its checkpoint or what is wrong with it.
+
+    Sizes only by default (cheap: rotation scans after every save); `verify` also checks the hashes.
+    """
     if not os.path.isdir(checkpoints_dir):
         return []
     found = []
@@ -141,17 +183,29 @@ def scan(checkpoints_dir: str) -> list[tuple[str, Checkpoint | None, str | None]
         match = _STEP_DIR.match(entry.name)
         if match and entry.is_dir():
             found.append((int(match.group(1)), entry.path))
-    return [(path, *inspect(path)) for _, path in sorted(found, reverse=True)]
+    return [(path, *inspect(path, verify)) for _, path in sorted(found, reverse=True)]
+
+
+def newest_intact(checkpoints_dir: str) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint whose files match their hashes, and the (path, problem) of the
+    newer ones that were skipped. Older checkpoints are not read once one is found."""
+    skipped = []
+    for path, ckpt, problem in scan(checkpoints_dir):
+        if ckpt is not None:
+            ckpt, problem = inspect(path, verify=True)
+        if ckpt is not None:
+            return ckpt, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def latest(checkpoints_dir: str, warn=None) -> Checkpoint | None:
-    """The newest complete checkpoint; incomplete or damaged ones are reported to `warn` and skipped."""
-    for path, ckpt, problem in scan(checkpoints_dir):
-        if ckpt is not None:
-            return ckpt
-        if warn is not None:
+    """The newest intact checkpoint; incomplete or damaged ones are reported to `warn` and skipped."""
+    ckpt, skipped = newest_intact(checkpoints_dir)
+    if warn is not None:
+        for path, problem in skipped:
             warn(f"skipping checkpoint {path}: {problem}")
-    return None
+    return ckpt
 
 
 def select_kept(entries: list[tuple[int, float | None]], keep_last: int, best_mode: str | None) -> set[int]:
@@ -188,18 +242,82 @@ def _write_json(path: str, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_resume(resume: str, checkpoints_dir: str, accelerator) -> str | None:
+    """The checkpoint `--resume` names; every rank must call it (the main process decides, the others
+    get its answer). UsageError when there is none to take.
+
+    `auto`: the newest intact checkpoint in `checkpoints_dir`; None (a fresh start) if there is no
+    checkpoint at all; refused if there are checkpoints but none is intact. A path: a checkpoint
+    folder, or a run / checkpoints folder (its newest intact checkpoint).
+    """
+    decision: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        decision = list(_find(resume, checkpoints_dir))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(decision, from_process=0)
+    path, problem = decision
+    if problem:
+        raise UsageError(problem)
+    return path
+
+
+def _find(resume: str, checkpoints_dir: str) -> tuple[str | None, str | None]:
+    """(path, None), (None, None) for a fresh start, or (None, the one-line refusal)."""
+    if resume == "auto":
+        return _newest(checkpoints_dir, "auto")
+    path = os.path.abspath(resume)
+    if _STEP_DIR.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, "meta.json")):
+        ckpt, problem = inspect(path, verify=True)
+        if ckpt is None:
+            return None, (f"--resume: checkpoint {resume!r} is not usable: {problem}; "
+                          f"pass --resume auto or an earlier checkpoint")
+        return ckpt.path, None
+    folder = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) else path
+    found, problem = _newest(folder, resume)
+    if found is None and problem is None:
+        return None, (f"--resume: no complete checkpoint in {resume!r}; pass a run directory, a "
+                      f"checkpoints/step_N folder, or --resume auto to start fresh when there is none")
+    return found, problem
+
+
+def _newest(folder: str, resume: str) -> tuple[str | None, str | None]:
+    """The newest intact checkpoint in `folder` (one warning line per newer damaged one); a refusal
+    when there are checkpoints but none is intact (a fresh start would train over the run's metrics)."""
+    ckpt, skipped = newest_intact(folder)
+    if ckpt is None and skipped:
+        path, problem = skipped[0]
+        run = os.path.dirname(folder.rstrip(os.sep))
+        return None, (f"--resume {resume}: none of the {len(skipped)} checkpoint(s) in {folder} is intact "
+                      f"(newest, {os.path.basename(path)}: {problem}); nothing was changed; see "
+                      f"python -m launcher.checkpoint verify {run}, then resume from a copy of a good "
+                      f"checkpoint or start a fresh run in another --output_dir")
+    for path, problem in skipped:
+        print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    return (ckpt.path if ckpt else None), None
+
+
 class Checkpointer:
     """Saves and loads `step_N` checkpoints; every rank must call `save`, `resolve` and `load` together."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: str, accelerator, model: torch.nn.Module,
-                 compat: dict[str, Any], on_save=None):
+                 compat: dict[str, Any], on_save=None, optimizer=None):
         self.cfg = cfg
         self.dir = os.path.join(run_dir, CHECKPOINTS)
         self.accelerator = accelerator
         self.model = model
+        self.optimizer = optimizer
+        """Needed to load a checkpoint written by another number of processes."""
         self.compat = compat
         self.on_save = on_save
         """Called on the main process as `on_save(step, tmp_path)` while a checkpoint is half written."""
+        self.new_global_batch = False
+        """Accept a checkpoint of another global batch (`--new_global_batch`); refused otherwise."""
+        self.loaded_global_batch: int | None = None
+        """Set by `load`: the checkpoint's global batch."""
+        self.elastic: str | None = None
+        """Set by `check_compatible`: how the resumed run differs in processes / global batch, or None."""
         self.last_saved: str | None = None
         self._warned_metric = False
 
@@ -239,7 +357,8 @@ class Checkpointer:
             _write_json(os.path.join(tmp, "state.json"), state)
             _write_json(os.path.join(tmp, "meta.json"), {
                 "format_version": FORMAT_VERSION, "step": step, "epoch": epoch, "reason": reason,
-                "metrics": metrics or {}, "world_size": acc.num_processes, "compat": self.compat,
+                "metrics": metrics or {}, "world_size": acc.num_processes,
+                "distributed_type": distributed_type(acc), "compat": self.compat,
                 "param_shapes": param_shapes(self.model)})
         if self.on_save is not None and self.is_main:
             self.on_save(step, tmp)
@@ -267,14 +386,20 @@ class Checkpointer:
                                f"(last good checkpoint: {self.last_saved or 'none'})")
 
     def _commit(self, tmp: str, final: str, step: int) -> None:
-        files = {}
+        files, hashes = {}, {}
         for root, _, names in os.walk(tmp):
             for file in names:
                 path = os.path.join(root, file)
+                digest = hashlib.sha256()
                 with open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
                     os.fsync(f.fileno())
-                files[os.path.relpath(path, tmp)] = os.path.getsize(path)
-        _write_json(os.path.join(tmp, MARKER), {"format_version": FORMAT_VERSION, "step": step, "files": files})
+                rel = os.path.relpath(path, tmp)
+                files[rel] = os.path.getsize(path)
+                hashes[rel] = digest.hexdigest()
+        _write_json(os.path.join(tmp, MARKER), {"format_version": FORMAT_VERSION, "step": step, "files": files,
+                                                "sha256": hashes})
         _fsync_dir(tmp)
         stale = None
         if os.path.exists(final):  # the same step saved again (e.g. preempted right after a resume)
@@ -301,56 +426,22 @@ class Checkpointer:
 
     # -- resume ----------------------------------------------------------------------------------
     def resolve(self, resume: str) -> str | None:
-        """The checkpoint to resume from (the main process decides, every rank gets the answer).
-
-        `auto`: the newest complete checkpoint of this run, None if there is none. A path: a
-        checkpoint folder, or a run / checkpoints folder (its newest complete checkpoint).
-        """
-        decision: list[Any] = [None, None]
-        if self.is_main:
-            decision = list(self._find(resume))
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(decision, from_process=0)
-        path, problem = decision
-        if problem:
-            raise UsageError(problem)
-        return path
-
-    def _find(self, resume: str) -> tuple[str | None, str | None]:
-        warn = self._print
-        if resume == "auto":
-            ckpt = latest(self.dir, warn=lambda m: warn(f"warning: {m}"))
-            return (ckpt.path if ckpt else None), None
-        path = os.path.abspath(resume)
-        if _STEP_DIR.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, "meta.json")):
-            ckpt, problem = inspect(path)
-            if ckpt is None:
-                return None, (f"--resume: checkpoint {resume!r} is not usable: {problem}; "
-                              f"pass --resume auto or an earlier checkpoint")
-            return ckpt.path, None
-        folder = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) else path
-        ckpt = latest(folder, warn=lambda m: warn(f"warning: {m}"))
-        if ckpt is None:
-            return None, (f"--resume: no complete checkpoint in {resume!r}; pass a run directory, a "
-                          f"checkpoints/step_N folder, or --resume auto to start fresh when there is none")
-        return ckpt.path, None
+        """The checkpoint to resume from (the main process decides, every rank gets the answer); see
+        `resolve_resume`."""
+        return resolve_resume(resume, self.dir, self.accelerator)
 
     def check_compatible(self, path: str) -> dict[str, Any]:
         """meta.json of `path`, or UsageError saying what differs from this run."""
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         name = os.path.basename(path)
-        acc = self.accelerator
-        if meta["world_size"] != acc.num_processes:
-            raise UsageError(
-                f"--resume: {name} was written by {meta['world_size']} process(es), this run has {acc.num_processes}; "
-                f"the data order, RNG streams and optimizer shards would not match: resume with "
-                f"{meta['world_size']} process(es), or start a fresh run in another --output_dir")
+        self.elastic = check_world_size(name, meta, self.compat, self.accelerator, self.new_global_batch)
         old, new = meta["compat"], self.compat
+        # A key the checkpoint does not know (written before the key existed) matches its default.
+        defaults = compat_defaults()
+        old = {**{k: v for k, v in defaults.items() if k not in old and k in new}, **old}
         diffs = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in ELASTIC]
         if diffs:
             raise UsageError(f"--resume: {name} was trained with different recipe values ({'; '.join(diffs)}); "
                              f"resume with the run's own config.yaml as --recipe, or start a fresh run in "
@@ -367,12 +458,17 @@ class Checkpointer:
 
     def load(self, path: str) -> dict[str, Any]:
         """Check compatibility, load model / optimizer / scaler / RNG on every rank, return state.json."""
-        self.check_compatible(path)
+        meta = self.check_compatible(path)
         acc = self.accelerator
-        acc.load_state(path)
-        set_rng_state(torch.load(os.path.join(path, f"rng_{acc.process_index}.pt"), weights_only=True))
+        same = meta["world_size"] == acc.num_processes
+        if same:
+            acc.load_state(path)
+        else:  # replicated state (check_compatible refuses other sharded state on another world size)
+            load_replicated(acc, self.model, self.optimizer, path)
+        set_rng_state(torch.load(rng_file(path, acc.process_index, same), weights_only=True))
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
+        self.loaded_global_batch = global_batch(meta["compat"], int(meta["world_size"]))
         self.last_saved = path
         return state
 
@@ -382,15 +478,29 @@ class Checkpointer:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(run_dir: str) -> None:
-    """List the checkpoints of a run: step, epoch, why it was written, metrics, and whether it is usable.
-
-    Args:
-      run_dir: a run directory (holding checkpoints/) or its checkpoints/ folder.
-    """
+def _folder(run_dir: str) -> str:
     folder = os.path.join(run_dir, CHECKPOINTS) if os.path.isdir(os.path.join(run_dir, CHECKPOINTS)) else run_dir
     if not os.path.isdir(folder):
         raise UsageError(f"{run_dir!r} is not a run directory; pass e.g. runs/mnist1d-20250101-120000")
+    return folder
+
+
+def main(run_dir: str, target: str | None = None) -> None:
+    """List the checkpoints of a run: step, epoch, why it was written, metrics, and whether it is usable.
+
+    `python -m launcher.checkpoint RUN_DIR` lists them (files checked by size);
+    `python -m launcher.checkpoint verify RUN_DIR` also checks every file against the SHA-256 in its
+    checkpoint's manifest and exits with status 1 if any checkpoint is damaged.
+
+    Args:
+      run_dir: a run directory (holding checkpoints/) or its checkpoints/ folder; or `verify`.
+      target: with `verify`, the run directory.
+    """
+    if run_dir == "verify" and target is not None:
+        raise SystemExit(verify(target))
+    if target is not None:
+        raise UsageError(f"unexpected argument {target!r}; use python -m launcher.checkpoint [verify] RUN_DIR")
+    folder = _folder(run_dir)
     rows = scan(folder)
     if not rows:
         print(f"no checkpoints in {folder}")
@@ -404,6 +514,30 @@ def main(run_dir: str) -> None:
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in (m.get("metrics") or {}).items())
         tag = "  <- --resume auto" if path == newest else ""
         print(f"{os.path.basename(path)}  epoch {m['epoch']:g}  {m['reason']}  {metrics}{tag}")
+
+
+def verify(run_dir: str) -> int:
+    """Check every checkpoint of a run against its manifest (sizes and SHA-256); 0 if all are intact, else 1."""
+    folder = _folder(run_dir)
+    rows = scan(folder, verify=True)
+    if not rows:
+        print(f"no checkpoints in {folder}")
+        return 0
+    newest = next((c.path for _, c, _ in rows if c is not None), None)
+    for path, ckpt, problem in rows:
+        if ckpt is None:
+            print(f"{os.path.basename(path)}  DAMAGED: {problem}")
+            continue
+        with open(os.path.join(path, MARKER)) as f:
+            manifest = json.load(f)
+        how = "sha256 verified" if manifest.get("sha256") else "sizes only (no hashes in this manifest)"
+        tag = "  <- --resume auto" if path == newest else ""
+        print(f"{os.path.basename(path)}  ok  {len(manifest.get('files', {}))} files, {how}{tag}")
+    damaged = sum(ckpt is None for _, ckpt, _ in rows)
+    if damaged:
+        verdict = f"--resume auto takes {os.path.basename(newest)}" if newest else "--resume auto would refuse"
+        print(f"{damaged} of {len(rows)} checkpoint(s) damaged; {verdict}")
+    return 1 if damaged else 0
 
 
 def cli() -> None:

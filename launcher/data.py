@@ -9,6 +9,12 @@
 - a resumed run can start mid-epoch at an exact sample offset (`start`) without replaying batches
   (Accelerate's `skip_first_batches` is avoided: accelerate#2016, #3242).
 
+`SampleRandom` makes every random choice of data (a crop, a flip, a window's offset, noise) a pure
+function of (seed, epoch, sample index, draw number), never of torch's global RNG or of how many
+samples were loaded before: a resumed run, or a run on another number of processes with the same
+global batch, sees exactly the same batches. A dataset opts in with a `sample_random` attribute;
+the sampler sets its seed and epoch.
+
 `InMemoryLoader` yields one process's training batches straight from a dataset with `__getitems__`
 (CPU, no worker processes), the same batches a prepared DataLoader would, without its per-batch cost.
 """
@@ -20,6 +26,81 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a bijection that scrambles every bit."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class SampleRandom:
+    """Random numbers of a training sample that depend only on (seed, epoch, sample index, draw number).
+
+    Give a dataset one as its `sample_random` attribute and draw from it in `__getitem__` /
+    `__getitems__` with the indices being loaded; the trainer's sampler sets `seed` (train.seed)
+    and `epoch` (0-based) before every epoch. Nothing depends on torch's global RNG, the batch a
+    sample lands in, the process that loads it or the loader's read-ahead, so resuming mid-epoch
+    and resuming on another number of processes see the same data. Counter-based (a splitmix64
+    hash of the key), vectorised: about a microsecond per batch of draws.
+
+        self.sample_random = SampleRandom()                      # in the dataset's __init__
+        u = self.sample_random.uniform(indices, 2)               # [len(indices), 2] in [0, 1), float64
+        k = self.sample_random.integers(indices, 0, 9, 2)        # [len(indices), 2] in [0, 9)
+        g = self.sample_random.generator(index)                  # a torch.Generator for one sample
+    """
+
+    def __init__(self, seed: int = 0, epoch: int = 0, stream: int = 0):
+        self.seed = seed
+        self.epoch = epoch
+        self.stream = stream
+        """Tell apart independent uses in one dataset (e.g. 0 for crops, 1 for noise)."""
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        self.seed, self.epoch = seed, epoch
+
+    def _keys(self, indices) -> np.ndarray:
+        idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+        base = _MASK64 & (self.seed * _GOLDEN + 0x632BE59BD9B4E019)
+        h = _mix64(np.array([base], dtype=np.uint64))
+        h = _mix64(h ^ np.uint64(_MASK64 & (self.epoch * 0xD1B54A32D192ED03 + 1)))
+        h = _mix64(h ^ np.uint64(_MASK64 & (self.stream * 0x8CB92BA72F3D8DD7 + 2)))
+        return _mix64(h ^ idx.astype(np.uint64).reshape(-1))
+
+    def bits(self, indices, n: int = 1) -> np.ndarray:
+        """[len(indices), n] uniformly random uint64 values."""
+        keys = self._keys(indices)
+        draws = (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GOLDEN))[None, :]
+        return _mix64(keys[:, None] + draws)
+
+    def uniform(self, indices, n: int = 1) -> torch.Tensor:
+        """[len(indices), n] float64 uniform in [0, 1) (53 random bits each)."""
+        return torch.from_numpy((self.bits(indices, n) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+    def integers(self, indices, low: int, high: int, n: int = 1) -> torch.Tensor:
+        """[len(indices), n] int64 uniform in [low, high)."""
+        span = high - low
+        if span < 1:
+            raise ValueError(f"integers: empty range [{low}, {high})")
+        return torch.from_numpy((self.bits(indices, n) % np.uint64(span)).astype(np.int64) + low)
+
+    def generator(self, index: int) -> torch.Generator:
+        """A torch.Generator seeded from this sample's key, for any torch random op on one sample."""
+        g = torch.Generator()
+        g.manual_seed(int(self.bits([index], 1)[0, 0] >> np.uint64(1)))
+        return g
+
+
+def sample_random_of(dataset) -> SampleRandom | None:
+    """The dataset's `sample_random`, if it opted in."""
+    rng = getattr(dataset, "sample_random", None)
+    return rng if isinstance(rng, SampleRandom) else None
 
 
 class EpochSampler(Sampler[int]):
@@ -34,6 +115,14 @@ class EpochSampler(Sampler[int]):
         self.shuffle = shuffle
         self.epoch = 0
         self.start = 0
+        self.followers: list[SampleRandom] = []
+
+    def follow(self, dataset) -> None:
+        """Keep the dataset's `sample_random` (if any) on this sampler's seed and epoch."""
+        rng = sample_random_of(dataset)
+        if rng is not None and rng not in self.followers:
+            rng.set_epoch(self.seed, self.epoch)
+            self.followers.append(rng)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -50,6 +139,8 @@ class EpochSampler(Sampler[int]):
             start_step = self.start // self.samples_per_step if epoch == self.epoch else 0
         self.epoch = epoch
         self.start = start_step * self.samples_per_step
+        for rng in self.followers:
+            rng.set_epoch(self.seed, epoch)
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -69,13 +160,16 @@ class EpochSampler(Sampler[int]):
 class TensorBatchDataset(Dataset):
     """Tensors indexed a whole batch at a time (`__getitems__`): no per-sample Python work.
 
-    Use with `collate_fn=TensorBatchDataset.collate`.
+    `transform(batch)` runs on each batch; a transform with a `sample_random` attribute (random
+    augmentation as a function of position) is called as `transform(batch, indices)` and becomes the
+    dataset's `sample_random`. Use with `collate_fn=TensorBatchDataset.collate`.
     """
 
     def __init__(self, *tensors: torch.Tensor, transform=None):
         assert all(len(t) == len(tensors[0]) for t in tensors)
         self.tensors = tensors
         self.transform = transform
+        self.sample_random = sample_random_of(transform)
 
     def __len__(self) -> int:
         return len(self.tensors[0])
@@ -87,7 +181,9 @@ class TensorBatchDataset(Dataset):
         # from_numpy + index_select: half the time of as_tensor(list) + t[idx] (~10 us a batch), same values
         idx = indices if isinstance(indices, torch.Tensor) else torch.from_numpy(np.asarray(indices, dtype=np.int64))
         batch = tuple(t.index_select(0, idx.to(t.device)) for t in self.tensors)
-        return self.transform(batch) if self.transform is not None else batch
+        if self.transform is None:
+            return batch
+        return self.transform(batch, idx) if self.sample_random is not None else self.transform(batch)
 
     @staticmethod
     def collate(batch):
@@ -101,9 +197,10 @@ class InMemoryLoader:
     collate_fn=collate_fn))` yields on CPU with no worker processes, without its ~45 us per batch (3%
     of a MNIST-1D CNN step; bench/overhead.py): process r of n takes batches r, r + n, r + 2n, ... of
     the sampler's order (Accelerate's round-robin), from the sampler's current epoch and start. Both
-    of the DataLoader pair's uses of torch's global RNG are kept, so a task that draws from it while
-    loading (gpt's random windows) gets the same numbers: one draw per epoch (the iterator's base
-    seed) and each batch read one ahead of the one yielded (Accelerate's look-ahead).
+    of the DataLoader pair's uses of torch's global RNG are kept, so a task that still draws from it
+    while loading (instead of `SampleRandom`) gets the same numbers as with the DataLoader: one draw
+    per epoch (the iterator's base seed) and each batch read one ahead of the one yielded
+    (Accelerate's look-ahead).
     """
 
     def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, process_index: int = 0,
@@ -160,6 +257,10 @@ def build_loaders(task, train_cfg, data_cfg, sampler: EpochSampler, accelerator)
     """
     from torch.utils.data import DataLoader
 
+    sampler.follow(task.train_set)
+    # Worker processes copy the dataset when an epoch's iteration starts; persistent ones would keep
+    # the first epoch's `sample_random`.
+    keyed = sample_random_of(task.train_set) is not None
     common = dict(num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
                   collate_fn=task.collate_fn, persistent_workers=data_cfg.num_workers > 0)
     if in_memory_ok(accelerator, task.train_set, data_cfg.num_workers):
@@ -167,7 +268,7 @@ def build_loaders(task, train_cfg, data_cfg, sampler: EpochSampler, accelerator)
                                accelerator.num_processes, task.collate_fn)
     else:
         train = DataLoader(task.train_set, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
-                           **common)
+                           **{**common, "persistent_workers": common["persistent_workers"] and not keyed})
     val = EvalLoader(task.val_set, data_cfg.val_batch_size or 4 * train_cfg.batch_size, accelerator, **common)
     return train, val
 

@@ -17,7 +17,7 @@ from launcher.output import check_dir, makedirs, warn
 
 
 def main(recipe: str | None = None, output_dir: str | None = None, resume: str | None = None,
-         print_config: bool = False, **overrides: Any) -> None:
+         print_config: bool = False, new_global_batch: bool = False, **overrides: Any) -> None:
     """Train a recipe on whatever Accelerate was configured for (CPU, GPUs, nodes).
 
     Args:
@@ -28,6 +28,8 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         Exit status 124: preempted (SIGTERM / checkpoint.signal), checkpoint saved, resume with
         --resume auto; 3: stopped on a non-finite loss; 2: a usage error (nothing written).
       print_config: print the resolved recipe (defaults <- YAML <- overrides) and exit.
+      new_global_batch: with --resume, continue a checkpoint whose global batch (per-device batch x
+        processes x accumulation) differs from this run's, with this run's (else that is refused).
       overrides: dotted recipe keys, e.g. --optim.lr=0.005 --train.num_epochs=30 --schedule.plateau.patience=5
     """
     if recipe is None and not print_config:
@@ -42,6 +44,9 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         raise UsageError(f"--resume needs a value: auto or a checkpoint directory; got {resume!r}")
     if output_dir is not None and (not isinstance(output_dir, str) or not output_dir.strip()):
         raise UsageError(f"--output_dir needs a directory name, e.g. --output_dir runs/my-run; got {output_dir!r}")
+    new_global_batch = new_global_batch is True or str(new_global_batch).lower() in ("true", "1", "yes")
+    if new_global_batch and resume is None:
+        raise UsageError("--new_global_batch continues a checkpoint with another global batch; pass --resume too")
     if resume is not None and resume != "auto" and not os.path.exists(str(resume)):
         raise UsageError(f"--resume: checkpoint {resume!r} not found; pass --resume auto or a checkpoint directory")
     if resume not in (None, "auto") and output_dir is None:
@@ -60,7 +65,7 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         run_dir, created = _claim_run_dir(accelerator, cfg.name or "run", output_dir, resume)
         from launcher.trainer import Trainer
 
-        trainer = Trainer(cfg, run_dir, accelerator, resume=resume)
+        trainer = Trainer(cfg, run_dir, accelerator, resume=resume, new_global_batch=new_global_batch)
     except BaseException:
         if created and accelerator.is_main_process:
             shutil.rmtree(created, ignore_errors=True)  # a run that never started leaves nothing behind

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from launcher.checkpoint import Checkpointer, compat_values
+from launcher.checkpoint import CHECKPOINTS, Checkpointer, compat_values, resolve_resume
 from launcher.config import Config, to_dict, to_yaml
 from launcher.data import EpochSampler, build_loaders, cast_floats
 from launcher.distributed import (
@@ -49,6 +49,7 @@ from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.preemption import Preemption
 from launcher.progress import ProgressBar
+from launcher.resharding import continue_plan, keep_global_batch, rebatch
 from launcher.schedule import LRScheduler
 from launcher.step import StepOps
 from launcher.tasks import build_task
@@ -77,9 +78,10 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None,
-                 hooks: list | None = None, quiet: bool = False):
+                 hooks: list | None = None, quiet: bool = False, new_global_batch: bool = False):
         """`hooks`: extra hooks (launcher.hooks) besides the recipe's; `quiet`: no progress lines (a tool
-        driving the trainer, like the LR range test, prints its own)."""
+        driving the trainer, like the LR range test, prints its own); `new_global_batch`: continue a
+        checkpoint with another global batch (launcher.resharding)."""
         self.cfg = cfg
         self.quiet = quiet
         self.run_dir = run_dir
@@ -93,6 +95,9 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.task = build_task(cfg.task, cfg.data)
+        # Chosen before the plan: on another process count the per-device batch follows the checkpoint's global batch.
+        self.resume_path = resolve_resume(resume, os.path.join(run_dir, CHECKPOINTS), acc) if resume is not None else None
+        cfg = self.cfg = cfg if new_global_batch else keep_global_batch(cfg, self.resume_path, acc)
         self.plan = dataclasses.replace(
             make_plan(cfg, acc.num_processes, len(self.task.train_set)),
             distributed_type=str(acc.distributed_type).split(".")[-1], num_machines=_num_machines(),
@@ -123,7 +128,9 @@ class Trainer:
             scaler=getattr(acc, "scaler", None) is not None)
         self.checkpoints = Checkpointer(cfg.checkpoint, run_dir, acc, self.model,
                                         compat_values(cfg, len(self.task.train_set)),
-                                        on_save=lambda step, path: self.hooks.on_save(self, step, path))
+                                        on_save=lambda step, path: self.hooks.on_save(self, step, path),
+                                        optimizer=self.optimizer)
+        self.checkpoints.new_global_batch = new_global_batch
         self.resumed_from: str | None = None
         resumed_run_id = self._resume(resume) if resume is not None else None
         self.tracker = Tracker(run_dir, cfg.tracking, os.path.basename(run_dir), resume_run_id=resumed_run_id,
@@ -283,18 +290,23 @@ class Trainer:
 
     def _resume(self, resume: str) -> str | None:
         """Load the checkpoint `resume` names on every rank; returns the tracker run id saved with it."""
-        path = self.checkpoints.resolve(resume)
+        path = self.resume_path
         if path is None:
             self.print(f"--resume {resume}: no complete checkpoint in {self.checkpoints.dir}; starting fresh")
             return None
         state = self.checkpoints.load(path)
+        if self.checkpoints.loaded_global_batch not in (None, self.plan.global_batch):
+            state, line = rebatch(state, self.checkpoints.loaded_global_batch, self.plan, self.scheduler.state_dict())
+            self.print(line)
+        self.plan = continue_plan(self.plan, state["train_state"])
         self.state.load_state_dict(state["train_state"])
         self.state.status = "running"
         self.scheduler.load_state_dict(state["scheduler"])
         self.summary.load_state_dict(state["summary"])
         self.resumed_from = path
         self.print(f"resumed from {path}: step {self.state.step}, epoch {self.state.epoch} "
-                   f"+ {self.state.step_in_epoch} steps")
+                   f"+ {self.state.step_in_epoch} steps" + (f"; {self.checkpoints.elastic}" if self.checkpoints.elastic
+                                                            else ""))
         return state.get("run_id")
 
     def _preempt(self, saved: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from launcher.checkpoint import (
     MARKER,
     Checkpointer,
+    compat_defaults,
     inspect,
     latest,
     param_shapes,
@@ -25,7 +27,7 @@ from launcher.checkpoint import (
     select_kept,
     set_rng_state,
 )
-from launcher.config import CheckpointConfig
+from launcher.config import CheckpointConfig, PlateauConfig
 from launcher.errors import UsageError
 
 from helpers import TINY, assert_usage_error, read_metrics, run, train
@@ -79,12 +81,12 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 
 def fake_checkpoint(folder: Path, step: int, world_size: int = 1, compat: dict | None = None,
-                    shapes: dict | None = None, complete: bool = True) -> Path:
+                    shapes: dict | None = None, complete: bool = True, distributed_type: str = "NO") -> Path:
     path = folder / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(b"x" * 64)
     meta = {"format_version": 1, "step": step, "epoch": 1, "reason": "step", "metrics": {}, "world_size": world_size,
-            "compat": compat or {}, "param_shapes": shapes or {}}
+            "distributed_type": distributed_type, "compat": compat or {}, "param_shapes": shapes or {}}
     (path / "meta.json").write_text(json.dumps(meta))
     if complete:
         files = {name: os.path.getsize(path / name) for name in ("model.safetensors", "meta.json")}
@@ -108,7 +110,8 @@ def test_incomplete_or_damaged_checkpoints_are_skipped(tmp_path):
 
 
 def checkpointer(run_dir: Path, model: torch.nn.Module, compat: dict, num_processes: int = 1) -> Checkpointer:
-    acc = SimpleNamespace(num_processes=num_processes, is_main_process=True, process_index=0)
+    acc = SimpleNamespace(num_processes=num_processes, is_main_process=True, process_index=0,
+                          distributed_type="DistributedType.MULTI_CPU" if num_processes > 1 else "DistributedType.NO")
     return Checkpointer(CheckpointConfig(), str(run_dir), acc, model, compat)
 
 
@@ -119,12 +122,37 @@ def test_compatibility_check_says_what_differs(tmp_path):
     path = str(fake_checkpoint(tmp_path / "checkpoints", 5, compat=compat, shapes=shapes))
     assert checkpointer(tmp_path, model, compat).check_compatible(path)["step"] == 5
 
-    with pytest.raises(UsageError, match=r"step_00000005 was written by 1 process\(es\), this run has 2"):
+    # Another process count resumes when the global batch is kept (per-device batch x processes x accumulation).
+    two = checkpointer(tmp_path, model, {"optim.lr": 0.005, "train.batch_size": 16}, num_processes=2)
+    assert two.check_compatible(path)["step"] == 5 and two.elastic == "1 -> 2 process(es), global batch 32 kept"
+    with pytest.raises(UsageError, match=r"global batch of 32 \(1 process\(es\) x 32 x 1 accumulation\); this run "
+                                         r"has 2 x 32 x 1 = 64: keep it with --train.batch_size=16 --train.grad_acc"):
         checkpointer(tmp_path, model, compat, num_processes=2).check_compatible(path)
-    with pytest.raises(UsageError, match=r"optim\.lr 0\.005 -> 0\.01; train\.batch_size 32 -> 16"):
-        checkpointer(tmp_path, model, {"optim.lr": 0.01, "train.batch_size": 16}).check_compatible(path)
+    with pytest.raises(UsageError, match=r"on 3 processes: use a process count that divides it \(e.g. 2, 4\), or "
+                                         r"pass --new_global_batch to continue with 96"):
+        checkpointer(tmp_path, model, compat, num_processes=3).check_compatible(path)
+    sharded = str(fake_checkpoint(tmp_path / "ds", 5, world_size=2, compat={**compat, "train.batch_size": 16},
+                                  shapes=shapes, distributed_type="DEEPSPEED"))
+    with pytest.raises(UsageError, match=r"holds DEEPSPEED state sharded over 2 process\(es\) and cannot be resharded "
+                                         r"to this run's 1 \(NO\); resume it with 2 process\(es\)"):
+        checkpointer(tmp_path, model, compat).check_compatible(sharded)
+    with pytest.raises(UsageError, match=r"optim\.lr 0\.005 -> 0\.01\)"):
+        checkpointer(tmp_path, model, {"optim.lr": 0.01, "train.batch_size": 32}).check_compatible(path)
     with pytest.raises(UsageError, match=r"weight \[3, 4\] -> \[5, 4\]"):
         checkpointer(tmp_path, torch.nn.Linear(4, 5), compat).check_compatible(path)
+
+
+def test_a_key_added_after_the_checkpoint_matches_its_default(tmp_path):
+    """A checkpoint written before a recipe key existed resumes when the run keeps that key's default."""
+    model = torch.nn.Linear(4, 3)
+    shapes = {"weight": [3, 4], "bias": [3]}
+    saved = {"optim.lr": 0.005, "train.batch_size": 32}
+    path = str(fake_checkpoint(tmp_path / "checkpoints", 5, compat=saved, shapes=shapes))
+    assert compat_defaults()["schedule.plateau.patience"] == PlateauConfig().patience
+    now = {**saved, "schedule.plateau.patience": PlateauConfig().patience}
+    assert checkpointer(tmp_path, model, now).check_compatible(path)["step"] == 5
+    with pytest.raises(UsageError, match=r"schedule\.plateau\.patience 3 -> 99"):
+        checkpointer(tmp_path, model, {**saved, "schedule.plateau.patience": 99}).check_compatible(path)
 
 
 def test_param_shapes_look_through_wrappers():
@@ -214,3 +242,58 @@ def test_resume_from_an_incomplete_checkpoint_path_is_refused(run_dir, tmp_path)
     result = train(*RUN_ARGS, "--output_dir", str(tmp_path / "new"), "--resume", str(broken))
     assert_usage_error(result, "step_00000003", "no COMPLETE manifest")
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hashes: fallback to the previous intact checkpoint, refusal, the verify command
+# ---------------------------------------------------------------------------------------------
+
+
+def flip_a_byte(path: Path) -> None:
+    """Alter one byte in the middle of a file, keeping its size (a size check cannot see it)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_an_altered_file_is_caught_by_its_hash_and_resume_falls_back(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    ckpts = sorted((copy / "checkpoints").iterdir())
+    newest, previous = ckpts[-1], ckpts[-2]
+    manifest = json.loads((newest / MARKER).read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"]) and "model.safetensors" in manifest["sha256"]
+    flip_a_byte(newest / "model.safetensors")
+    assert inspect(str(newest), verify=False)[1] is None  # same size
+    assert inspect(str(newest))[1] == "model.safetensors does not match its SHA-256 in the manifest (altered or corrupt)"
+
+    verify = run([sys.executable, "-m", "launcher.checkpoint", "verify", str(copy)], timeout=120)
+    assert verify.returncode == 1, verify.stderr
+    lines = verify.stdout.splitlines()
+    assert lines[0] == f"{newest.name}  DAMAGED: model.safetensors does not match its SHA-256 in the manifest " \
+                       "(altered or corrupt)"
+    assert lines[1].startswith(f"{previous.name}  ok  ") and lines[1].endswith("sha256 verified  <- --resume auto")
+    assert lines[-1] == f"1 of {len(ckpts)} checkpoint(s) damaged; --resume auto takes {previous.name}"
+    intact = run([sys.executable, "-m", "launcher.checkpoint", "verify", str(run_dir)], timeout=120)
+    assert intact.returncode == 0 and "DAMAGED" not in intact.stdout
+
+    result = train(*RUN_ARGS, "--output_dir", str(copy), "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
+    assert warnings == [f"warning: skipping checkpoint {newest}: model.safetensors does not match its SHA-256 "
+                        "in the manifest (altered or corrupt)"]
+    assert f"resumed from {previous}:" in result.stdout
+    assert inspect(str(newest))[1] is None  # written again by the resumed run
+
+
+def test_resume_auto_refuses_a_run_whose_checkpoints_are_all_damaged(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    ckpts = sorted((copy / "checkpoints").iterdir())
+    for ckpt in ckpts:
+        flip_a_byte(ckpt / "optimizer.bin")
+    before = snapshot(copy)
+    result = train(*RUN_ARGS, "--output_dir", str(copy), "--resume", "auto")
+    assert_usage_error(result, f"none of the {len(ckpts)} checkpoint(s)", f"{ckpts[-1].name}: optimizer.bin does not "
+                       "match its SHA-256", "nothing was changed", "launcher.checkpoint verify")
+    assert snapshot(copy) == before

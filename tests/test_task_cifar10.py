@@ -109,7 +109,7 @@ def test_augmentation_crops_and_flips():
     y = torch.arange(n)
     augment = c10.CropFlipNormalize()
     normalize = c10.Normalize()
-    out, out_y = augment((x, y))
+    out, out_y = augment((x, y), torch.arange(n))
     assert out.shape == (n, 3, 32, 32) and out.dtype == torch.float32 and torch.equal(out_y, y)
 
     # Recover each image's (dy, dx, flip) by matching against every candidate crop of the padded image.
@@ -131,17 +131,22 @@ def test_augmentation_crops_and_flips():
     assert len(offsets) > 20  # 81 possible offsets, 256 images
 
 
-def test_augmentation_varies_between_calls_and_follows_global_seed(archive_root):
+def test_augmentation_is_a_function_of_seed_epoch_and_index_only(archive_root):
     root, _ = archive_root
     task = _task(root)
+    rng = task.train_set.sample_random
     indices = list(range(16))
-    torch.manual_seed(1)
     a = task.train_set.__getitems__(indices)[0]
-    b = task.train_set.__getitems__(indices)[0]
-    torch.manual_seed(1)
-    c = task.train_set.__getitems__(indices)[0]
-    assert not torch.equal(a, b)
-    assert torch.equal(a, c)
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = task.train_set.__getitems__(indices)[0]
+    assert torch.equal(a, again)
+    # Image 5 gets the same crop whatever batch (and position in it) it is loaded in.
+    assert torch.equal(task.train_set.__getitems__([9, 5])[0][1], a[5])
+    rng.set_epoch(rng.seed, 1)
+    next_epoch = task.train_set.__getitems__(indices)[0]
+    rng.set_epoch(rng.seed + 1, 0)
+    other_seed = task.train_set.__getitems__(indices)[0]
+    assert not torch.equal(a, next_epoch) and not torch.equal(a, other_seed)
 
 
 def test_eval_set_is_not_augmented(archive_root):

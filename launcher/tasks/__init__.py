@@ -38,6 +38,8 @@ class Task:
 
     model: nn.Module
     train_set: Dataset
+    """Random choices while loading (augmentation, crops, noise) come from its `sample_random`, a
+    `launcher.data.SampleRandom` the trainer keeps on (train.seed, epoch): exact resume, any process count."""
     val_set: Dataset
     loss: Callable[[Any, Any], torch.Tensor]
     """(outputs, targets) -> scalar mean loss used for training."""

@@ -8,8 +8,9 @@ and its MD5 checked. The first load converts it to uint8 arrays cached in
 `data_root()/cifar10/cifar10_uint8.npz`, which later runs load in a fraction of a second.
 
 Batches are built whole (`__getitems__`): training images get a random 32x32 crop from the image
-zero-padded by 4 pixels and a random horizontal flip (torch's global RNG, which the trainer seeds),
-then every image is normalised with the per-channel CIFAR-10 mean and std. Evaluation images are
+zero-padded by 4 pixels and a random horizontal flip, both a pure function of (train.seed, epoch,
+image index) (`launcher.data.SampleRandom`, never torch's global RNG, so a resumed run sees the same
+crops), then every image is normalised with the per-channel CIFAR-10 mean and std. Evaluation images are
 only normalised.
 
 Options (`task.options`): `augment` (default true), `subset` / `val_subset` (use only the first N
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config import DataConfig, TaskConfig
-from launcher.data import TensorBatchDataset
+from launcher.data import SampleRandom, TensorBatchDataset
 from launcher.errors import UsageError
 from launcher.models.resnet import resnet18, resnet_tiny
 from launcher.tasks import Task, check_options, data_root
@@ -227,19 +228,24 @@ class Normalize:
 
 
 class CropFlipNormalize(Normalize):
-    """Random 32x32 crop of the zero-padded image plus a random horizontal flip, per image, in one gather."""
+    """Random 32x32 crop of the zero-padded image plus a random horizontal flip, per image, in one gather.
+
+    Called with the images' indices: the crop and flip of an image depend only on (seed, epoch, index).
+    """
 
     def __init__(self, pad: int = PAD, mean=MEAN, std=STD):
         super().__init__(mean, std)
         self.pad = pad
+        self.sample_random = SampleRandom()
 
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], indices) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         n, _, h, w = x.shape
         padded = F.pad(x, (self.pad,) * 4)
-        top = torch.randint(0, 2 * self.pad + 1, (n, 1, 1))
-        left = torch.randint(0, 2 * self.pad + 1, (n, 1))
-        flip = torch.rand(n, 1) < 0.5
+        offsets = self.sample_random.integers(indices, 0, 2 * self.pad + 1, 3)  # the third draw: the flip
+        top = offsets[:, 0].view(n, 1, 1)
+        left = offsets[:, 1].view(n, 1)
+        flip = (offsets[:, 2] % 2 == 1).view(n, 1)
         cols = torch.arange(w).expand(n, w)
         cols = torch.where(flip, w - 1 - cols, cols) + left
         rows = torch.arange(h).view(1, h, 1) + top

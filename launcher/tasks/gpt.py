@@ -8,10 +8,11 @@ it differs between Python versions, so compare runs made with the same interpret
 
 One training sample is a window of `block_size + 1` bytes (inputs and the targets shifted by one).
 An epoch is `samples_per_epoch` windows: the training split is cut into that many equal slices
-and sample i is a window starting at a random position in slice i, drawn when the batch is built
-from torch's global RNG (which the trainer seeds), like a random crop. So an epoch covers the whole
-split, every epoch sees fresh windows (a small model would otherwise memorise a fixed set within a
-few epochs), and a run is reproducible from `train.seed`. The validation set is up to `val_samples`
+and sample i is a window starting at a random position in slice i, like a random crop. The
+offset is a pure function of (train.seed, epoch, i) (`launcher.data.SampleRandom`), never of
+torch's global RNG: an epoch covers the whole split, every epoch sees fresh windows (a small model
+would otherwise memorise a fixed set within a few epochs), and a resumed run, mid-epoch or on
+another number of processes, sees exactly the windows of an uninterrupted one. The validation set is up to `val_samples`
 fixed, non-overlapping windows spread evenly over the validation split.
 
 Metrics per sample: `loss` (mean next-byte cross-entropy over the window) and `accuracy`
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from launcher.config import DataConfig, TaskConfig
+from launcher.data import SampleRandom
 from launcher.errors import UsageError
 from launcher.models.gpt import GPT, GPTConfig
 from launcher.tasks import Task, check_options
@@ -93,8 +95,8 @@ def read_corpus(text_file: str, max_bytes: int) -> bytes:
 class ByteWindows(Dataset):
     """Windows of `block_size + 1` bytes; an item is (inputs, targets), the targets shifted by one.
 
-    Window i starts at `starts[i]`, plus, if `jitter` > 0, a random shift in [0, jitter] drawn from
-    torch's global RNG each time it is loaded (clipped to the end of the data). Indexed a whole batch
+    Window i starts at `starts[i]`, plus, if `jitter` > 0, a random shift in [0, jitter] that depends
+    only on (seed, epoch, i) (`sample_random`, set by the trainer's sampler; clipped to the end of the data). Indexed a whole batch
     at a time (`__getitems__`); use `collate_fn=ByteWindows.collate`.
     """
 
@@ -105,6 +107,7 @@ class ByteWindows(Dataset):
         self.data = data
         self.starts = starts
         self.jitter = jitter
+        self.sample_random = SampleRandom() if jitter else None
         self.span = torch.arange(block_size + 1)
 
     def __len__(self) -> int:
@@ -115,9 +118,11 @@ class ByteWindows(Dataset):
         return x[0], y[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self.starts[torch.as_tensor(indices, dtype=torch.long)]
+        index = torch.as_tensor(indices, dtype=torch.long)
+        starts = self.starts[index]
         if self.jitter:
-            starts = (starts + torch.randint(0, self.jitter + 1, starts.shape)).clamp_(max=self.max_start)
+            shift = self.sample_random.integers(index, 0, self.jitter + 1)[:, 0]
+            starts = (starts + shift).clamp_(max=self.max_start)
         windows = self.data[starts[:, None] + self.span].long()
         return windows[:, :-1], windows[:, 1:]
 

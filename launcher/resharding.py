@@ -1,0 +1,196 @@
+"""Resuming on another number of processes: what must stay equal, and loading state written by N ranks on M.
+
+The data order follows from the global batch alone (`EpochSampler` cuts each epoch's permutation
+into global batches; Accelerate deals each one's per-device pieces to the ranks), and every random
+choice of data from (seed, epoch, sample index) (`SampleRandom`). So a checkpoint resumes on any
+number of processes that keeps the global batch (per-device batch x processes x accumulation): the
+same samples in every optimizer step, the same LR at every step (the plan and the schedule are
+functions of the global batch), the same plateau state.
+
+What is loaded, by how the state was saved:
+
+- replicated (one process, DDP): `model.safetensors` and `optimizer.bin` hold the whole model and
+  optimizer whatever the world size; they are loaded into the unwrapped model (DDP's `module.`
+  prefix removed or not there) and the optimizer, on every rank.
+- DeepSpeed ZeRO and FSDP: every rank's shard is laid out for the process count that wrote it, and
+  they resume on that count (the refusal says so). DeepSpeed 0.19 itself refuses to load ZeRO
+  optimizer partitions on another data-parallel size ("Automatic adjustment of ZeRO's optimizer
+  state partitioning with a new world size is not currently supported") unless the checkpoint is
+  first converted to its universal format.
+
+RNG states: with the same world size each rank gets its own back; on another world size every rank
+gets rank 0's, as every rank starts a fresh run from the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from launcher.errors import UsageError
+
+REPLICATED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU")
+"""Accelerate distributed types whose model and optimizer state is the same on every rank."""
+
+
+def distributed_type(accelerator) -> str:
+    return str(accelerator.distributed_type).split(".")[-1]
+
+
+def global_batch(values: dict[str, Any], num_processes: int) -> int | None:
+    """per-device batch x processes x accumulation from a checkpoint's recipe values."""
+    batch = values.get("train.batch_size")
+    if not isinstance(batch, int):
+        return None
+    return batch * int(values.get("train.grad_accum_steps") or 1) * num_processes
+
+
+def keep_hint(target: int, num_processes: int, batch_size: int, grad_accum: int) -> str:
+    """The settings that give `target` samples per optimizer step on `num_processes` processes."""
+    if target % num_processes:
+        counts = [n for n in range(1, min(target, 1024) + 1) if target % n == 0]
+        near = sorted(counts, key=lambda n: (abs(n - num_processes), n))[:2]
+        return (f"no per-device batch gives {target} on {num_processes} processes: use a process count that "
+                f"divides it (e.g. {', '.join(map(str, sorted(near)))})")
+    per = target // num_processes
+    options = []
+    if grad_accum > 1 and per % grad_accum == 0:
+        options.append(f"--train.batch_size={per // grad_accum}")
+    if per % batch_size == 0 and per // batch_size != grad_accum:
+        options.append(f"--train.grad_accum_steps={per // batch_size}")
+    options.append(f"--train.batch_size={per} --train.grad_accum_steps=1")
+    seen = list(dict.fromkeys(options))
+    return "keep it with " + " or ".join(seen[:2])
+
+
+def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], accelerator,
+                     new_global_batch: bool = False) -> str | None:
+    """None if the checkpoint resumes here as saved; a line for the log when it resumes on another
+    process count or split of the global batch; UsageError when it cannot (another global batch
+    without `new_global_batch`, sharded state on another process count)."""
+    old_n, new_n = int(meta["world_size"]), accelerator.num_processes
+    old_gb, new_gb = global_batch(meta["compat"], old_n), global_batch(compat, new_n)
+    # (checkpoints that predate the field: only a one-process one is known to be replicated)
+    old_kind = meta.get("distributed_type") or ("NO" if old_n == 1 else "UNRECORDED")
+    new_kind = distributed_type(accelerator)
+    if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED):
+        raise UsageError(
+            f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es) and cannot be "
+            f"resharded to this run's {new_n} ({new_kind}); resume it with {old_n} process(es)")
+    if old_gb != new_gb and new_global_batch and old_gb:
+        return f"global batch {old_gb} -> {new_gb} (--new_global_batch; {old_n} -> {new_n} process(es))"
+    if old_gb != new_gb:
+        was = f"{old_n} process(es) x {meta['compat'].get('train.batch_size')} x " \
+              f"{meta['compat'].get('train.grad_accum_steps', 1)} accumulation"
+        now = f"{new_n} x {compat.get('train.batch_size')} x {compat.get('train.grad_accum_steps', 1)}"
+        hint = keep_hint(old_gb or 0, new_n, int(compat.get("train.batch_size") or 1),
+                         int(compat.get("train.grad_accum_steps") or 1))
+        raise UsageError(
+            f"--resume: {name} was trained with a global batch of {old_gb} ({was}); this run has {now} = {new_gb}: "
+            f"{hint}, or pass --new_global_batch to continue with {new_gb}")
+    if old_n == new_n:
+        return None
+    return f"{old_n} -> {new_n} process(es), global batch {new_gb} kept"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_replicated(accelerator, model: torch.nn.Module, optimizer, path: str) -> None:
+    """Load whole-model and whole-optimizer files saved by any number of processes, on every rank."""
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+
+        state = load_file(weights, device="cpu")
+    else:
+        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    _unwrap(model).load_state_dict(_strip(state))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu",
+                                         weights_only=True))
+    scaler = getattr(accelerator, "scaler", None)
+    scaler_file = os.path.join(path, "scaler.pt")
+    if scaler is not None and os.path.isfile(scaler_file):
+        scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))
+
+
+def rng_file(path: str, process_index: int, same_world_size: bool) -> str:
+    return os.path.join(path, f"rng_{process_index if same_world_size else 0}.pt")
+
+
+def keep_global_batch(cfg, checkpoint: str | None, accelerator):
+    """The recipe with `train.batch_size` set so that this run's global batch is the checkpoint's.
+
+    Applies when the run resumes on another process count with the checkpoint's own per-device batch
+    and accumulation (a requeued job that landed on another allocation): per-device batch =
+    global batch / (processes x accumulation), if that divides. Anything else is left as it is for
+    `check_world_size` to accept or refuse: settings the user changed, a global batch that no
+    per-device batch gives here, DeepSpeed (its config was sized before this point).
+    """
+    import dataclasses
+    import json
+
+    if checkpoint is None:
+        return cfg
+    with open(os.path.join(checkpoint, "meta.json")) as f:
+        meta = json.load(f)
+    saved = meta.get("compat") or {}
+    n, t = accelerator.num_processes, cfg.train
+    target = global_batch(saved, int(meta["world_size"]))
+    if (target is None or target == t.batch_size * t.grad_accum_steps * n or distributed_type(accelerator) == "DEEPSPEED"
+            or saved.get("train.batch_size") != t.batch_size
+            or int(saved.get("train.grad_accum_steps") or 1) != t.grad_accum_steps
+            or target % (n * t.grad_accum_steps)):
+        return cfg
+    batch = target // (n * t.grad_accum_steps)
+    if accelerator.is_main_process:
+        print(f"resume: {n} process(es) instead of {meta['world_size']}: train.batch_size {t.batch_size} -> {batch} "
+              f"per device keeps the checkpoint's global batch of {target}", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=batch))
+
+
+def rebatch(state: dict[str, Any], old_global_batch: int, plan, scheduler_now: dict[str, Any]) -> tuple[dict, str]:
+    """state.json of a checkpoint, moved onto `plan`'s (new) global batch; and a line for the log.
+
+    The run continues in the same epoch at the first new global batch that starts at or before the
+    checkpoint's sample position (up to one global batch is read again). `step` keeps counting
+    optimizer updates; the schedule continues at the same fraction of the run in the new plan's
+    steps (warmup, decay, base LR of the new global batch), with the plateau state as saved.
+    """
+    train_state = dict(state["train_state"])
+    samples = int(train_state["step_in_epoch"]) * old_global_batch
+    step_in_epoch = min(samples // plan.global_batch, plan.steps_per_epoch)
+    position = int(train_state["epoch"]) * plan.steps_per_epoch + step_in_epoch
+    scheduler = {**state["scheduler"], "num_steps": position,
+                 **{k: scheduler_now[k] for k in ("base_lrs", "warmup_steps", "steps_per_epoch", "total_steps")}}
+    train_state["step_in_epoch"] = step_in_epoch
+    again = samples - step_in_epoch * plan.global_batch
+    line = (f"global batch {old_global_batch} -> {plan.global_batch}: epoch {train_state['epoch']} continues at "
+            f"sample {step_in_epoch * plan.global_batch}" + (f" ({again} read again)" if again else "")
+            + f", the schedule at step {position} of {plan.total_steps}")
+    return {**state, "train_state": train_state, "scheduler": scheduler}, line
+
+
+def continue_plan(plan, train_state: dict[str, Any]):
+    """`plan` with total_steps counted like `train_state['step']`, which may run ahead of the plan's own
+    step numbers after a change of global batch (`rebatch`); the same plan otherwise."""
+    import dataclasses
+
+    offset = int(train_state["step"]) - (int(train_state["epoch"]) * plan.steps_per_epoch
+                                         + int(train_state["step_in_epoch"]))
+    return dataclasses.replace(plan, total_steps=plan.total_steps + offset) if offset else plan
