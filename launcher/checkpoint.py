@@ -543,7 +543,7 @@ def verify(run_dir: str) -> int:
 def cli() -> None:
     from launcher.errors import run_cli
 
-    run_cli(main, name="launcher.checkpoint")
+    run_cli(main, name="launcher.checkpoint", positional=2)  # RUN_DIR, or verify RUN_DIR
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(USAGE_EXIT)
 
 
-def run_cli(fn: Callable[..., Any], name: str | None = None, argv: list[str] | None = None) -> None:
+def run_cli(fn: Callable[..., Any], name: str | None = None, argv: list[str] | None = None,
+            positional: int | None = None) -> None:
     """Run `fn` under python-fire; a UsageError becomes one line on stderr and exit status 2.
 
     Before fire sees the command line, every `--flag` is checked: the function's own flags, dotted
@@ -55,7 +56,7 @@ def run_cli(fn: Callable[..., Any], name: str | None = None, argv: list[str] | N
 
     install_warnings()
     try:
-        check_flags(fn, args, name)
+        check_flags(fn, args, name, positional)
         import fire
 
         fire.Fire(fn, command=args, name=name)
@@ -75,12 +76,12 @@ def _flag_names(fn: Callable[..., Any]) -> tuple[list[str], bool]:
     return names, var_kw
 
 
-def check_flags(fn: Callable[..., Any], args: list[str], name: str) -> None:
+def check_flags(fn: Callable[..., Any], args: list[str], name: str, positional: int | None = None) -> None:
     """UsageError for a `--flag` that is neither the tool's own nor a recipe key, with a suggestion."""
     import difflib
 
     own, var_kw = _flag_names(fn)
-    _check_positionals(fn, args, name)
+    _check_positionals(fn, args, name, positional)
     for arg in args:
         if arg == "--":
             break
@@ -105,9 +106,10 @@ def check_flags(fn: Callable[..., Any], args: list[str], name: str) -> None:
         raise UsageError(f"unknown flag --{flag} for {_prog(name)}{hint}")
 
 
-def _check_positionals(fn: Callable[..., Any], args: list[str], name: str) -> None:
+def _check_positionals(fn: Callable[..., Any], args: list[str], name: str, positional: int | None = None) -> None:
     """fire hands a bare word to the next parameter not given as a flag (`--recipe R oops` would make
-    `oops` the output directory). Allowed: the recipe as the first word when --recipe is absent."""
+    `oops` the output directory). Allowed: the first `positional` parameters as bare words (by default
+    the recipe as the first word when --recipe is absent)."""
     import inspect
 
     params = inspect.signature(fn).parameters.values()
@@ -126,7 +128,10 @@ def _check_positionals(fn: Callable[..., Any], args: list[str], name: str) -> No
             words.append(arg)
         i += 1
     first = next(iter(params), None)
-    allowed = 1 if first is not None and first.name == "recipe" and "recipe" not in flags else 0
+    if positional is not None:
+        allowed = len([p for p in list(params)[:positional] if p.name not in flags])
+    else:
+        allowed = 1 if first is not None and first.name == "recipe" and "recipe" not in flags else 0
     if len(words) > allowed:
         extra = words[allowed]
         raise UsageError(f"unexpected argument {extra!r}; flags are written --name=value "

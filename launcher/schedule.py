@@ -182,7 +182,7 @@ class Plateau:
             new = max(new, c.min_lr / scheduled_lr)
         self.cooldown_counter = c.cooldown
         self.num_bad_epochs = 0
-        if old - new <= 1e-12:
+        if new >= old:  # clamped at min_lr; Keras has no minimum step (torch style's eps), so any drop counts
             return None
         self.factor = new
         self.num_reductions += 1

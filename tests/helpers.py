@@ -35,6 +35,8 @@ def env(**extra: str) -> dict[str, str]:
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")) if p)
     e["LAUNCHER_HOOKS"] = "faults:from_env"
     e.update(extra)
+    if str(ROOT / "tests") not in e["PYTHONPATH"].split(os.pathsep):  # an `extra` PYTHONPATH keeps the hooks
+        e["PYTHONPATH"] = os.pathsep.join([e["PYTHONPATH"], str(ROOT / "tests")])
     return e
 
 
