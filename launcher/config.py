@@ -19,52 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from pydantic.dataclasses import dataclass
+from pydantic import field_validator, model_validator
 
 from launcher import config_cli
-from launcher.config_cli import BadValue, problem, read_recipe
+from launcher.config_cli import Section, flatten, problem, read_recipe, section, setting, to_dict
 from launcher.errors import UsageError
 
 __all__ = ["CheckpointConfig", "Config", "DataConfig", "OptimConfig", "PlateauConfig", "ScheduleConfig", "TaskConfig",
            "TrackingConfig", "TrainConfig", "WandbConfig", "affects_training", "closest_key", "flatten", "load_config",
            "read_recipe", "to_dict", "to_yaml", "training_keys", "valid_keys"]
-
-_MODEL = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=False)
-
-
-def setting(default: Any = dataclasses.MISSING, *, training: bool = True, note: str = "", message: str = "",
-            factory: Any = None, **constraints: Any) -> Any:
-    """A field: its default, constraints (ge/gt/le/lt/min_length/allow_inf_nan) and metadata.
-
-    `training=False`: the value never changes what a run learns (paths, logging, speed knobs).
-    `note` is added to a bound's message (`must be >= 0 (0 = off)`); `message` replaces it.
-    """
-    extra: dict[str, Any] = {"affects_training": training}
-    if note:
-        extra["note"] = note
-    if message:
-        extra["message"] = message
-    if factory is not None:
-        return Field(default_factory=factory, json_schema_extra=extra, **constraints)
-    return Field(default, json_schema_extra=extra, **constraints)
-
-
-class _Section:
-    """Base of every section: converts YAML and CLI values with `config_cli.convert` before validation."""
-
-    @field_validator("*", mode="before", check_fields=False)
-    @classmethod
-    def _convert(cls, value: Any, info: ValidationInfo) -> Any:
-        try:
-            return config_cli.convert(value, cls.__pydantic_fields__[info.field_name].annotation)
-        except BadValue as err:
-            raise problem(str(err), err.at) from None
-
-
-def section(cls: type) -> type:
-    return dataclass(frozen=True, config=_MODEL)(cls)
-
 
 # ---------------------------------------------------------------------------------------------
 # Sections
@@ -72,7 +35,7 @@ def section(cls: type) -> type:
 
 
 @section
-class TaskConfig(_Section):
+class TaskConfig(Section):
     name: str = "mnist1d"
     """A built-in task (`mnist1d`, `cifar10`, `gpt`) or `package.module:function` for your own."""
     model: str = ""
@@ -89,7 +52,7 @@ class TaskConfig(_Section):
 
 
 @section
-class DataConfig(_Section):
+class DataConfig(Section):
     root: str = setting("", training=False)
     """Where datasets are cached or already present; empty = $LAUNCHER_DATA or ~/.cache/launcher."""
     num_workers: int = setting(0, training=False, ge=0)
@@ -101,7 +64,7 @@ class DataConfig(_Section):
 
 
 @section
-class OptimConfig(_Section):
+class OptimConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     """`adamw` (decoupled weight decay), `adam` (L2 penalty added to the gradient, torch.optim.Adam) or `sgd`."""
     lr: float = setting(1e-3, gt=0, allow_inf_nan=False, message="must be a positive number")
@@ -142,7 +105,7 @@ class OptimConfig(_Section):
 
 
 @section
-class PlateauConfig(_Section):
+class PlateauConfig(Section):
     enabled: bool = False
     """Reduce the LR when `metric` stops improving."""
     metric: str = setting("val/loss", min_length=1, message="must name a validation metric, e.g. val/loss")
@@ -182,7 +145,7 @@ class PlateauConfig(_Section):
 
 
 @section
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     warmup_steps: int = setting(0, ge=0)
     """Linear warmup length in optimizer steps (after gradient accumulation)."""
     warmup_epochs: float = setting(0.0, ge=0)
@@ -222,7 +185,7 @@ class ScheduleConfig(_Section):
 
 
 @section
-class TrainConfig(_Section):
+class TrainConfig(Section):
     num_epochs: int = setting(10, ge=1)
     """Epochs to train (the schedule's length)."""
     max_steps: int = setting(0, ge=0, note="0 = no cap")
@@ -260,7 +223,7 @@ class TrainConfig(_Section):
 
 
 @section
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     enabled: bool = True
     """Save checkpoints (at the end of each epoch, and on preemption)."""
     every_n_steps: int = setting(0, ge=0, note="0 = end of epoch only")
@@ -285,7 +248,7 @@ class CheckpointConfig(_Section):
 
 
 @section
-class WandbConfig(_Section):
+class WandbConfig(Section):
     enabled: bool = False
     """Log to Weights & Biases."""
     project: str = "launcher"
@@ -303,7 +266,7 @@ class WandbConfig(_Section):
 
 
 @section
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     wandb: WandbConfig = setting(factory=WandbConfig)
     """Weights & Biases."""
     tensorboard: bool = False
@@ -322,7 +285,7 @@ class TrackingConfig(_Section):
 
 
 @section
-class Config(_Section):
+class Config(Section):
     name: str = setting("", training=False)
     """Run name, used for the default output directory; empty = the recipe file's name."""
     task: TaskConfig = setting(factory=TaskConfig)
@@ -389,22 +352,6 @@ def training_keys(cfg: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if any(not p for p in parts):
-        raise UsageError(f"malformed override key {key!r}; use --section.field=value, e.g. --optim.lr=0.005")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        sub = node.get(part)
-        if sub is None:
-            sub = node[part] = {}
-        if not isinstance(sub, dict):
-            raise config_cli.unknown_key(key, valid_keys()) if ".".join(parts[: i + 1]) not in valid_keys() else \
-                UsageError(f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")
-        node = sub
-    node[parts[-1]] = value
-
-
 def _check_known(key: str) -> None:
     if any(key == f or key.startswith(f + ".") for f in _FREE_FORM):
         return
@@ -430,38 +377,11 @@ def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | No
     for key, value in (overrides or {}).items():
         key = key.lstrip("-").replace("-", "_") if key.startswith("-") else key
         _check_known(key)
-        _set_dotted(tree, key, value)
+        config_cli.set_dotted(tree, key, value, valid_keys())
     cfg = build(tree)
     if not cfg.name and recipe is not None:
         cfg = dataclasses.replace(cfg, name=Path(recipe).stem)
     return cfg
-
-
-def to_dict(cfg: Any) -> dict:
-    """The config as plain Python types (tuples become lists), re-loadable by `load_config`."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, list | tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1} (for trackers and comparisons)."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def to_yaml(cfg: Config) -> str:

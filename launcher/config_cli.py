@@ -3,15 +3,19 @@
 - `convert`: the coercion rules of the config layer (`'true'` -> True, `'0.005'` -> 0.005,
   `'a,b'` -> ['a', 'b'], `30.0` -> 30 for an integer, a YAML number -> str for a string key). The
   config models apply it to every field before validating it.
+- `section` and `setting`: how a config section is declared (a frozen pydantic dataclass that
+  refuses unknown keys; a field with its bounds and whether it affects training).
 - `format_error`: turns a pydantic `ValidationError` into one `UsageError` line naming the dotted
   key (`optim.lr: must be a positive number; got -1.0`), with the closest valid key for an unknown one.
-- `read_recipe`: the recipe YAML, refusing a key given twice in one mapping.
+- `read_recipe`: the recipe YAML, refusing a key given twice in one mapping; `set_dotted`,
+  `to_dict`, `flatten`: the plain trees around it.
 
 Nothing here touches torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -22,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 from launcher.errors import UsageError
@@ -139,6 +144,47 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+_MODEL = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=False)
+
+
+def setting(default: Any = dataclasses.MISSING, *, training: bool = True, note: str = "", message: str = "",
+            factory: Any = None, **constraints: Any) -> Any:
+    """A field: its default, constraints (ge/gt/le/lt/min_length/allow_inf_nan) and metadata.
+
+    `training=False`: the value never changes what a run learns (paths, logging, speed knobs).
+    `note` is added to a bound's message (`must be >= 0 (0 = off)`); `message` replaces it.
+    """
+    extra: dict[str, Any] = {"affects_training": training}
+    if note:
+        extra["note"] = note
+    if message:
+        extra["message"] = message
+    if factory is not None:
+        return Field(default_factory=factory, json_schema_extra=extra, **constraints)
+    return Field(default, json_schema_extra=extra, **constraints)
+
+
+class Section:
+    """Base of every section: converts YAML and CLI values with `config_cli.convert` before validation."""
+
+    @field_validator("*", mode="before", check_fields=False)
+    @classmethod
+    def _convert(cls, value: Any, info: ValidationInfo) -> Any:
+        try:
+            return convert(value, cls.__pydantic_fields__[info.field_name].annotation)
+        except BadValue as err:
+            raise problem(str(err), err.at) from None
+
+
+def section(cls: type) -> type:
+    """A frozen pydantic dataclass refusing unknown keys, documented by its attribute docstrings."""
+    return dataclass(frozen=True, config=_MODEL)(cls)
+
+
+# ---------------------------------------------------------------------------------------------
 # Keys and errors
 # ---------------------------------------------------------------------------------------------
 
@@ -215,6 +261,50 @@ def format_error(err: ValidationError, root: type, keys: list[str]) -> UsageErro
         return UsageError(f"{loc}: {_expected(info)}; got {e['input']!r}")
     message = e["msg"][:1].lower() + e["msg"][1:]
     return UsageError(f"{loc or 'recipe'}: {message}; got {e['input']!r}")
+
+
+def set_dotted(tree: dict, key: str, value: Any, keys: list[str]) -> None:
+    """tree['a']['b'] = value for key `a.b`, creating sections; UsageError for a key that cannot be set."""
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise UsageError(f"malformed override key {key!r}; use --section.field=value, e.g. --optim.lr=0.005")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        sub = node.get(part)
+        if sub is None:
+            sub = node[part] = {}
+        if not isinstance(sub, dict):
+            raise unknown_key(key, keys) if ".".join(parts[: i + 1]) not in keys else \
+                UsageError(f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")
+        node = sub
+    node[parts[-1]] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain Python types (tuples become lists), re-loadable by `load_config`."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1} (for trackers and comparisons)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def validate(build: Callable[[], Any], root: type, keys: list[str]) -> Any:
