@@ -252,10 +252,15 @@ class WandbConfig(Section):
     enabled: bool = False
     """Log to Weights & Biases."""
     project: str = "launcher"
+    """W&B project."""
     entity: str = ""
+    """W&B user or team; empty = the API key's default entity."""
     group: str = ""
+    """W&B group (e.g. the seeds of one setup)."""
     tags: list[str] = setting(factory=list)
+    """W&B tags (`a,b` on the command line)."""
     job_type: str = "train"
+    """W&B job type."""
     name: str = ""
     """W&B run name; empty = the run directory's name."""
     mode: Literal["", "online", "offline", "disabled"] = setting(
@@ -289,12 +294,19 @@ class Config(Section):
     name: str = setting("", training=False)
     """Run name, used for the default output directory; empty = the recipe file's name."""
     task: TaskConfig = setting(factory=TaskConfig)
+    """What is trained: the task (data, model, loss, metrics) and its options."""
     data: DataConfig = setting(factory=DataConfig, training=False)
+    """Where data lives and how it is loaded."""
     optim: OptimConfig = setting(factory=OptimConfig)
+    """The optimizer."""
     schedule: ScheduleConfig = setting(factory=ScheduleConfig)
+    """The LR schedule (docs/schedule.md)."""
     train: TrainConfig = setting(factory=TrainConfig)
+    """The training loop."""
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig, training=False)
+    """Checkpoints and resuming (docs/checkpoints.md)."""
     tracking: TrackingConfig = setting(factory=TrackingConfig, training=False)
+    """Metrics: W&B, TensorBoard, target metrics."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,3 +140,45 @@ def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert cfg.name == recipe.stem
     assert recipe.read_text().startswith("#"), "each recipe starts with a comment block giving its command"
+
+
+def test_every_leaf_is_described_and_says_whether_it_affects_training():
+    from launcher.config import affects_training
+
+    flat = flatten(to_dict(Config()))
+    assert {k for k in flat if not affects_training(k)} >= {"name", "data.root", "train.progress_bar",
+                                                            "checkpoint.keep_last", "tracking.wandb.project"}
+    assert {k for k in flat if affects_training(k)} >= {"optim.lr", "schedule.plateau.factor", "train.seed",
+                                                        "train.batch_size", "task.options"}
+    assert affects_training("task.options.n_layer")  # a task's own option answers as task.options
+    with pytest.raises(KeyError):
+        affects_training("optim.lrr")
+
+    def field(key):
+        cls = Config
+        *sections, leaf = key.split(".")
+        for part in sections:
+            cls = cls.__pydantic_fields__[part].annotation
+        return cls.__pydantic_fields__[leaf]
+
+    fields = {key: field(key) for key in valid_keys()}
+    undescribed = [k for k, f in fields.items() if not (f.description or "").strip()]
+    assert undescribed == []
+    assert "global batch" in fields["optim.reference_batch_size"].description
+
+
+def test_compare_grouping_and_training_keys_agree_on_every_key():
+    """One source: a key is in `training_keys` exactly when compare keeps runs that differ in it apart,
+    except train.seed, which compare groups over (runs differing only by it are seeds of one setup)."""
+    from launcher.compare import _matters
+    from launcher.config import affects_training, training_keys
+
+    cfg = load_config(None, {"task.options.num_train": 256})
+    flat = flatten(to_dict(cfg))
+    kept = training_keys(cfg)
+    assert set(kept) < set(flat) and kept["optim.betas"] == [0.9, 0.999]
+    for key in flat:
+        assert _matters(key) == (key in kept and key != "train.seed"), key
+    assert "train.seed" in kept and not _matters("train.seed")
+    for key in valid_keys():  # sections too
+        assert _matters(key) == (affects_training(key) and key != "train.seed"), key
