@@ -380,6 +380,9 @@ def build(tree: Any) -> Config:
     """Validate a plain tree (a recipe after overrides) into a Config; UsageError on any mistake."""
     if not isinstance(tree, dict):
         raise UsageError(f"recipe: expected a mapping of keys; got {tree!r}")
+    for key in tree:
+        if not isinstance(key, str):
+            raise config_cli.unknown_key(str(key), valid_keys())
     return config_cli.validate(lambda: Config(**tree), Config, valid_keys())
 
 

@@ -61,6 +61,10 @@ def convert(value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin is typing.Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            meant = next((a for a in (("on", "yes") if value else ("off", "no")) if a in args), "no")
+            raise BadValue(f"must be one of {', '.join(args)}; got {value} (YAML reads an unquoted no, yes, off "
+                           f"or on as true/false: quote it, e.g. '{meant}')")
         return convert(value, type(args[0]))
     if tp is bool:
         if isinstance(value, bool):
@@ -250,7 +254,7 @@ def format_error(err: ValidationError, root: type, keys: list[str]) -> UsageErro
     """The first problem in `err` as one line naming its dotted key."""
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
-    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
         return unknown_key(loc, keys)
     if e["type"] == "launcher":
         at = e["ctx"]["at"]

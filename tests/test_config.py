@@ -80,6 +80,13 @@ def test_override_coercion(key, raw, expected):
         ({"optim.lr.x": 1}, "unknown recipe key 'optim.lr.x'; did you mean optim.lr?"),
         ({"optim": 3}, "optim: expected a mapping"),
         ({"train.mixed_precision": "fp8"}, "train.mixed_precision: must be one of"),
+        ({"train.mixed_precision": False}, "got False (YAML reads an unquoted no, yes, off or on as true/false: "
+                                           "quote it, e.g. 'no')"),
+        ({"optim.betas": "0.9,x"}, "optim.betas[1]: expected a number; got 'x'"),
+        ({"train.max_steps": -1}, "train.max_steps: must be >= 0 (0 = no cap); got -1"),
+        ({"schedule.warmup_start_factor": 2}, "schedule.warmup_start_factor: must be in [0, 1]; got 2.0"),
+        ({"tracking.wandb.mode": "on"}, "tracking.wandb.mode: must be online, offline, disabled or empty (auto)"),
+        ({"checkpoint.signal": "usr1"}, "checkpoint.signal: must be a signal name such as SIGUSR1; got 'usr1'"),
     ],
 )
 def test_errors_name_the_key(overrides, fragment):
@@ -101,6 +108,11 @@ def test_yaml_errors(tmp_path):
         load_config(write(tmp_path, "optim:\n  learning_rate: 0.1\n"))
     with pytest.raises(UsageError, match="schedule.plateau.patience: expected an integer"):
         load_config(write(tmp_path, "schedule:\n  plateau:\n    patience: soon\n"))
+    with pytest.raises(UsageError, match="unknown recipe key '1'"):
+        load_config(write(tmp_path, "1: 2\n"))
+    with pytest.raises(UsageError, match="unknown recipe key 'optim.1'"):
+        load_config(write(tmp_path, "optim:\n  1: 2\n"))
+    assert load_config(write(tmp_path, "optim:\nschedule:\n  plateau: null\n")) == load_config(None, {"name": "r"})
 
 
 def test_task_options_are_free_form_here():
