@@ -194,3 +194,13 @@ def test_compare_grouping_and_training_keys_agree_on_every_key():
     assert "train.seed" in kept and not _matters("train.seed")
     for key in valid_keys():  # sections too
         assert _matters(key) == (affects_training(key) and key != "train.seed"), key
+
+
+def test_sections_built_in_code_follow_the_same_rules():
+    from launcher.config import PlateauConfig, TrainConfig
+
+    assert TrainConfig(batch_size="8", compile="yes") == TrainConfig(batch_size=8, compile=True)
+    with pytest.raises(ValueError, match="factor"):
+        PlateauConfig(factor=2)
+    with pytest.raises(ValueError, match="lrr"):
+        Config(optim={"lrr": 1})
