@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher.config import affects_training
 from launcher.errors import UsageError, run_cli
 from launcher.orchestrate import train_recipes
 from launcher.plots import plot_runs
@@ -48,10 +49,8 @@ __all__ = ["Run", "UsageError", "compare_runs", "group_runs", "load_runs", "plot
 DEFAULT_TARGETS = (0.5, 0.8, 0.9, 0.95)
 FORMATS = ("table", "markdown", "csv", "json")
 
-# Keys that never change what a run learns: left out when deciding which runs are seeds of one setup.
-_NOT_TRAINING = ("name", "train.seed", "train.progress_bar", "train.peak_tflops", "data.root", "data.num_workers",
-                 "data.pin_memory", "data.val_batch_size")
-_NOT_TRAINING_PREFIXES = ("tracking.", "checkpoint.", "_")
+# Runs that differ only by these keys are seeds of one setup (the seed does change what a run learns).
+_GROUPED_OVER = ("train.seed",)
 _PLAN_KEYS_THAT_MATTER = ("plan.num_processes", "plan.global_batch")
 
 # ---------------------------------------------------------------------------------------------
@@ -103,10 +102,20 @@ def run_stats(run: Run, metric: str, targets: list[float]) -> dict[str, Any]:
 
 
 def _matters(key: str) -> bool:
-    """Whether a config key can change what a run learns (beyond its seed)."""
+    """Whether a config key can change what a run learns (beyond its seed).
+
+    Recipe keys answer through `launcher.config.affects_training`; of the plan, only the process
+    count and the global batch (the rest follows from the recipe); W&B's own `_...` keys never; a key
+    this version does not know (a run from another version) always.
+    """
+    if key in _GROUPED_OVER or key.startswith("_"):
+        return False
     if key.startswith("plan."):
         return key in _PLAN_KEYS_THAT_MATTER
-    return key not in _NOT_TRAINING and not key.startswith(_NOT_TRAINING_PREFIXES)
+    try:
+        return affects_training(key)
+    except KeyError:
+        return True
 
 
 def _setup_key(run: Run) -> tuple | None:

@@ -80,6 +80,13 @@ def test_override_coercion(key, raw, expected):
         ({"optim.lr.x": 1}, "unknown recipe key 'optim.lr.x'; did you mean optim.lr?"),
         ({"optim": 3}, "optim: expected a mapping"),
         ({"train.mixed_precision": "fp8"}, "train.mixed_precision: must be one of"),
+        ({"train.mixed_precision": False}, "got False (YAML reads an unquoted no, yes, off or on as true/false: "
+                                           "quote it, e.g. 'no')"),
+        ({"optim.betas": "0.9,x"}, "optim.betas[1]: expected a number; got 'x'"),
+        ({"train.max_steps": -1}, "train.max_steps: must be >= 0 (0 = no cap); got -1"),
+        ({"schedule.warmup_start_factor": 2}, "schedule.warmup_start_factor: must be in [0, 1]; got 2.0"),
+        ({"tracking.wandb.mode": "on"}, "tracking.wandb.mode: must be online, offline, disabled or empty (auto)"),
+        ({"checkpoint.signal": "usr1"}, "checkpoint.signal: must be a signal name such as SIGUSR1; got 'usr1'"),
     ],
 )
 def test_errors_name_the_key(overrides, fragment):
@@ -101,6 +108,11 @@ def test_yaml_errors(tmp_path):
         load_config(write(tmp_path, "optim:\n  learning_rate: 0.1\n"))
     with pytest.raises(UsageError, match="schedule.plateau.patience: expected an integer"):
         load_config(write(tmp_path, "schedule:\n  plateau:\n    patience: soon\n"))
+    with pytest.raises(UsageError, match="unknown recipe key '1'"):
+        load_config(write(tmp_path, "1: 2\n"))
+    with pytest.raises(UsageError, match="unknown recipe key 'optim.1'"):
+        load_config(write(tmp_path, "optim:\n  1: 2\n"))
+    assert load_config(write(tmp_path, "optim:\nschedule:\n  plateau: null\n")) == load_config(None, {"name": "r"})
 
 
 def test_task_options_are_free_form_here():
@@ -140,3 +152,55 @@ def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert cfg.name == recipe.stem
     assert recipe.read_text().startswith("#"), "each recipe starts with a comment block giving its command"
+
+
+def test_every_leaf_is_described_and_says_whether_it_affects_training():
+    from launcher.config import affects_training
+
+    flat = flatten(to_dict(Config()))
+    assert {k for k in flat if not affects_training(k)} >= {"name", "data.root", "train.progress_bar",
+                                                            "checkpoint.keep_last", "tracking.wandb.project"}
+    assert {k for k in flat if affects_training(k)} >= {"optim.lr", "schedule.plateau.factor", "train.seed",
+                                                        "train.batch_size", "task.options"}
+    assert affects_training("task.options.n_layer")  # a task's own option answers as task.options
+    with pytest.raises(KeyError):
+        affects_training("optim.lrr")
+
+    def field(key):
+        cls = Config
+        *sections, leaf = key.split(".")
+        for part in sections:
+            cls = cls.__pydantic_fields__[part].annotation
+        return cls.__pydantic_fields__[leaf]
+
+    fields = {key: field(key) for key in valid_keys()}
+    undescribed = [k for k, f in fields.items() if not (f.description or "").strip()]
+    assert undescribed == []
+    assert "global batch" in fields["optim.reference_batch_size"].description
+
+
+def test_compare_grouping_and_training_keys_agree_on_every_key():
+    """One source: a key is in `training_keys` exactly when compare keeps runs that differ in it apart,
+    except train.seed, which compare groups over (runs differing only by it are seeds of one setup)."""
+    from launcher.compare import _matters
+    from launcher.config import affects_training, training_keys
+
+    cfg = load_config(None, {"task.options.num_train": 256})
+    flat = flatten(to_dict(cfg))
+    kept = training_keys(cfg)
+    assert set(kept) < set(flat) and kept["optim.betas"] == [0.9, 0.999]
+    for key in flat:
+        assert _matters(key) == (key in kept and key != "train.seed"), key
+    assert "train.seed" in kept and not _matters("train.seed")
+    for key in valid_keys():  # sections too
+        assert _matters(key) == (affects_training(key) and key != "train.seed"), key
+
+
+def test_sections_built_in_code_follow_the_same_rules():
+    from launcher.config import PlateauConfig, TrainConfig
+
+    assert TrainConfig(batch_size="8", compile="yes") == TrainConfig(batch_size=8, compile=True)
+    with pytest.raises(ValueError, match="factor"):
+        PlateauConfig(factor=2)
+    with pytest.raises(ValueError, match="lrr"):
+        Config(optim={"lrr": 1})

@@ -217,7 +217,20 @@ def test_preview_cli_table_json_and_plot(tmp_path):
     data = json.loads(r.stdout)
     assert len(data["steps"]) == 50 and data["steps"][9] == pytest.approx(0.01)
     assert [e["epoch"] for e in data["epochs"]] == [1, 2, 3, 4, 5]
-    assert plot.stat().st_size > 1000
+    assert _line_pixels(plot, (840, 420)) > 500  # the LR curve is drawn
+
+
+def _line_pixels(path, size: tuple[int, int]) -> int:
+    """Pixels of the plotted line's colour in a PNG that must decode to `size` (7 x 3.5 in at 120 dpi)."""
+    import matplotlib.image
+    import numpy as np
+
+    image = matplotlib.image.imread(path)
+    assert (image.shape[1], image.shape[0]) == size, image.shape
+    rgb = image[..., :3]
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 1
+    line = np.array([0x1F, 0x77, 0xB4]) / 255  # matplotlib's first line colour
+    return int((np.abs(rgb - line).max(axis=-1) < 0.05).sum())
 
 
 def test_preview_cli_errors():

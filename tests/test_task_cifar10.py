@@ -214,6 +214,10 @@ def test_few_steps_reduce_loss(archive_root, one_thread):
     assert losses[-1] < 0.5 * losses[0]
     task.model.eval()
     with torch.no_grad():
-        metrics = task.metrics(task.model(inputs), targets)
+        outputs = task.model(inputs)
+        metrics = task.metrics(outputs, targets)
     assert metrics["loss"].shape == (32,) and metrics["accuracy"].shape == (32,)
-    assert 0 <= metrics["accuracy"].mean() <= 1
+    # accuracy is per-sample correctness of the arg-max class, and the batch was fitted well enough to show it
+    correct = (outputs.argmax(dim=-1) == targets).to(metrics["accuracy"].dtype)
+    assert torch.equal(metrics["accuracy"], correct)
+    assert correct.mean() > 0.5

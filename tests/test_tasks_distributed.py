@@ -46,7 +46,10 @@ def test_cifar10_two_processes(tmp_path):
     steps, evals = read_metrics(out)
     assert len(steps) == 2 * 10 and len(evals) == 2
     assert all(math.isfinite(row["train/loss"]) for row in steps)
-    assert 0.0 <= evals[-1]["val/accuracy"] <= 1.0
+    # The classes differ in brightness: two epochs learn them well above a constant guess (about 0.1),
+    # and the accuracy counts each of the 32 validation images once across both processes.
+    accuracy = evals[-1]["val/accuracy"]
+    assert accuracy > 0.25 and (accuracy * 32).is_integer(), evals
 
 
 @pytest.mark.slow

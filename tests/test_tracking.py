@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -140,7 +140,12 @@ def test_run_id_is_exposed_and_accepted_back_on_resume(offline_env, tmp_path):
     assert len(first.run_id) == 8
     assert run_ids_in(tmp_path) == [first.run_id]
 
-    time.sleep(1.1)  # W&B names offline folders by the start second; a real resume is never this quick
+    # W&B names an offline folder by its start second and the run id: a resume within the same second
+    # would reuse the folder. Date the first segment a second earlier, as a real (later) resume sees it.
+    [segment] = tmp_path.glob("wandb/offline-run-*")
+    stamp, run_id = segment.name.removeprefix("offline-run-").split("-", 1)
+    earlier = datetime.datetime.strptime(stamp, "%Y%m%d_%H%M%S") - datetime.timedelta(seconds=1)
+    segment.rename(segment.with_name(f"offline-run-{earlier:%Y%m%d_%H%M%S}-{run_id}"))
     # Resume from a checkpoint at step 3: the same W&B run continues, and the new offline segment
     # holds the whole history again (a killed process may have lost what W&B had not written).
     resumed = Tracker(str(tmp_path), wandb_cfg(mode="offline"), resume_run_id=first.run_id, truncate_after_step=3)
