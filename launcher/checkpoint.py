@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.config import CheckpointConfig, Config, flatten, to_dict
+from launcher.config import CheckpointConfig, Config, training_keys
 from launcher.errors import UsageError
 from launcher.resharding import (
     check_world_size,
@@ -53,10 +53,9 @@ MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
-MATTERS = ("task.", "optim.", "schedule.", "train.batch_size", "train.grad_accum_steps", "train.seed",
-           "train.num_epochs", "train.max_steps")
-"""Recipe keys that must be equal for a resumed run to continue the same trajectory (the per-device
-batch and the accumulation only through the global batch they make with the process count)."""
+RESUME_MAY_CHANGE = ("train.mixed_precision",)
+"""Keys that change what a run learns (launcher.config.affects_training) but may differ on resume:
+the precision follows the hardware a requeued job lands on."""
 ELASTIC = ("train.batch_size", "train.grad_accum_steps")
 
 
@@ -65,17 +64,16 @@ def checkpoint_name(step: int) -> str:
 
 
 def compat_values(cfg: Config, num_train_samples: int) -> dict[str, Any]:
-    """The recipe values that matter for resuming (flattened, JSON-safe) plus the data size."""
-    flat = flatten(to_dict(cfg))
-    values = {k: v for k, v in flat.items() if any(k == m or k.startswith(m) for m in MATTERS)}
+    """The recipe values that must be equal to continue the same trajectory: those that change what a
+    run learns (launcher.config.training_keys, the one source compare groups by too), plus the data size."""
+    values = {k: v for k, v in training_keys(cfg).items() if k not in RESUME_MAY_CHANGE}
     values["data.num_train_samples"] = num_train_samples
-    return json.loads(json.dumps(values))
+    return values
 
 
 def compat_defaults() -> dict[str, Any]:
     """The default value of every key that matters for resuming (JSON-safe)."""
-    values = flatten(to_dict(Config()))
-    return json.loads(json.dumps({k: v for k, v in values.items() if any(k == m or k.startswith(m) for m in MATTERS)}))
+    return {k: v for k, v in training_keys(Config()).items() if k not in RESUME_MAY_CHANGE}
 
 
 def param_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -437,11 +435,12 @@ class Checkpointer:
         name = os.path.basename(path)
         self.elastic = check_world_size(name, meta, self.compat, self.accelerator, self.new_global_batch)
         old, new = meta["compat"], self.compat
-        # A key the checkpoint does not know (written before the key existed) matches its default.
+        # A key the checkpoint does not know (written before the key existed) matches its default; a key
+        # it holds that no longer matters (e.g. from an older list) is not compared.
         defaults = compat_defaults()
-        old = {**{k: v for k, v in defaults.items() if k not in old and k in new}, **old}
-        diffs = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in ELASTIC]
+        old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
+        diffs = [f"{k} {old.get(k, '(unset)')!r} -> {new[k]!r}"
+                 for k in sorted(new) if old.get(k) != new[k] and k not in ELASTIC]
         if diffs:
             raise UsageError(f"--resume: {name} was trained with different recipe values ({'; '.join(diffs)}); "
                              f"resume with the run's own config.yaml as --recipe, or start a fresh run in "

@@ -206,9 +206,9 @@ class TrainConfig(Section):
     """Use channels_last memory format (convnets on GPU)."""
     deterministic: bool = setting(False, training=False)
     """torch.use_deterministic_algorithms(True) (slower; bitwise-reproducible kernels)."""
-    on_nonfinite: Literal["skip", "stop"] = "stop"
+    on_nonfinite: Literal["skip", "stop"] = setting("stop", training=False)
     """What to do when the loss or gradients are NaN/inf on any rank: `skip` the step or `stop`."""
-    max_nonfinite_skips: int = setting(10, ge=1)
+    max_nonfinite_skips: int = setting(10, training=False, ge=1)
     """With on_nonfinite=skip: stop after this many consecutive skipped steps."""
     progress_bar: Literal["auto", "on", "off"] = setting("auto", training=False)
     """`auto` (a bar when stderr is a terminal, else a line per epoch), `on` or `off`."""
@@ -218,7 +218,7 @@ class TrainConfig(Section):
     """Read the step rows back (one host sync, one all-reduce) every N optimizer steps. Non-finite
     stops and a preemption signal under several processes are acted on at these reads (and before
     each checkpoint), so within N steps; metrics.jsonl still gets one row per step."""
-    hooks: list[str] = setting(factory=list)
+    hooks: list[str] = setting(factory=list, training=False)
     """Extra hooks, `package.module:name` each (launcher.hooks); $LAUNCHER_HOOKS adds more."""
 
 

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 
 from launcher.checkpoint import (
     MARKER,
+    RESUME_MAY_CHANGE,
     Checkpointer,
     compat_defaults,
+    compat_values,
     inspect,
     latest,
     param_shapes,
@@ -27,7 +29,7 @@ from launcher.checkpoint import (
     select_kept,
     set_rng_state,
 )
-from launcher.config import CheckpointConfig, PlateauConfig
+from launcher.config import CheckpointConfig, PlateauConfig, affects_training
 from launcher.errors import UsageError
 
 from helpers import TINY, assert_usage_error, read_metrics, run, train
@@ -153,6 +155,21 @@ def test_a_key_added_after_the_checkpoint_matches_its_default(tmp_path):
     assert checkpointer(tmp_path, model, now).check_compatible(path)["step"] == 5
     with pytest.raises(UsageError, match=r"schedule\.plateau\.patience 3 -> 99"):
         checkpointer(tmp_path, model, {**saved, "schedule.plateau.patience": 99}).check_compatible(path)
+
+
+def test_resume_checks_the_keys_compare_groups_by():
+    """One source: the keys a resume must keep are those that change what a run learns (compare groups by
+    them too), except the precision, which may follow the hardware, and plus the data size."""
+    from launcher.compare import _matters
+    from launcher.config import Config, flatten, to_dict
+
+    cfg = Config()
+    keys = set(compat_values(cfg, 100))
+    assert keys == {k for k in flatten(to_dict(cfg)) if affects_training(k)} - set(RESUME_MAY_CHANGE) | {
+        "data.num_train_samples"}
+    assert {k for k in keys if k != "data.num_train_samples"} == {
+        k for k in flatten(to_dict(cfg)) if _matters(k) or k == "train.seed"} - set(RESUME_MAY_CHANGE)
+    assert "optim.lr" in keys and "train.seed" in keys and "checkpoint.keep_last" not in keys
 
 
 def test_param_shapes_look_through_wrappers():
