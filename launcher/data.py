@@ -66,7 +66,8 @@ class SampleRandom:
         self.seed, self.epoch = seed, epoch
 
     def _keys(self, indices) -> np.ndarray:
-        idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+        # A CPU index tensor is read as an array view (no per-item conversion); indices never live on a device.
+        idx = (indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)).astype(np.int64)
         base = _MASK64 & (self.seed * _GOLDEN + 0x632BE59BD9B4E019)
         h = _mix64(np.array([base], dtype=np.uint64))
         h = _mix64(h ^ np.uint64(_MASK64 & (self.epoch * 0xD1B54A32D192ED03 + 1)))

@@ -7,12 +7,14 @@ same. The fused AdamW/Adam/SGD kernels take a `found_inf` tensor and skip the up
 when it is 1 (parameters, moments and the step count are left bit-identical: pytorch#88015, the
 mechanism GradScaler uses), so the loop never waits for the answer.
 
-Policies (`train.on_nonfinite`, `train.max_nonfinite_skips`), computed on the device step by step:
-  stop   the first non-finite step freezes the weights (every later update is skipped too);
-  skip   a non-finite step is skipped; `max_nonfinite_skips` in a row freeze the weights.
+Policies (`train.on_nonfinite`, `train.max_nonfinite_skips`):
+  skip   a non-finite update is skipped on the device; `max_nonfinite_skips` in a row freeze the
+         weights (every later update is skipped too) until the run stops at the next flush;
+  stop   nothing per step: the run stops at the next flush after the first non-finite step. The
+         updates in between are not undone (the weights in memory may be NaN), but nothing after the
+         last good step is ever saved: every checkpoint reads the rows back first and stops there.
 The host learns what happened when the step rows are read back (every `train.log_every_n_steps`
-steps, before each checkpoint and at epoch ends) and stops there: nothing after the last good step
-is ever checkpointed. `decide` replays the same rule on the read-back norms.
+steps, before each checkpoint and at epoch ends). `decide` replays the same rule on the read-back norms.
 
 Where no device skip is possible (a non-fused optimizer, `optim.fused: false`), the norm is read
 back every step (one host sync, no collective) and the update is skipped on the host. With an fp16
@@ -47,9 +49,9 @@ class Event:
             return f"warning: {what}: step skipped ({self.consecutive} in a row; stop at {train.max_nonfinite_skips})"
         why, fix = ("train.on_nonfinite=stop", " (or --train.on_nonfinite=skip)") if train.on_nonfinite == "stop" \
             else (f"{self.consecutive} consecutive skips = train.max_nonfinite_skips", "")
-        return (f"error: {what}: stopping ({why}); the weights were not updated and the last checkpoint "
-                f"({last_checkpoint or 'none'}) is intact; lower optim.lr or set optim.clip_grad_norm{fix}, "
-                "then --resume auto")
+        return (f"error: {what}: stopping ({why}); nothing after step {self.step - 1} was saved and the last "
+                f"checkpoint ({last_checkpoint or 'none'}) is intact; lower optim.lr or set "
+                f"optim.clip_grad_norm{fix}, then --resume auto")
 
 
 @dataclass
@@ -66,13 +68,17 @@ class NonFiniteGuard:
 
     def __post_init__(self) -> None:
         opt = self.torch_optimizer
-        self.device_skip = bool(opt is not None and not self.scaler
-                                and any(g.get("fused") for g in opt.param_groups))
-        self.host_skip = opt is not None and not self.scaler and not self.device_skip
+        # `stop` needs no per-step work: the run stops at the next flush and nothing after the bad step
+        # is ever saved (a checkpoint always flushes first). `skip` must undo the update where it happens.
+        skipping = opt is not None and not self.scaler and self.on_nonfinite == "skip"
+        self.device_skip = bool(skipping and any(g.get("fused") for g in opt.param_groups))
+        self.host_skip = skipping and not self.device_skip
         if self.device_skip:
             self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
             self._consecutive = torch.zeros((), dtype=torch.int32, device=self.device)
             self._frozen = torch.zeros((), dtype=torch.bool, device=self.device)
+            self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+            self._inf = torch.full((), math.inf, device=self.device)
             opt.found_inf = self._found_inf  # read by the fused kernels at every step()
         self._host_consecutive = 0
         self._host_frozen = False
@@ -84,18 +90,16 @@ class NonFiniteGuard:
             return True
         self.norm_known = True
         if self.device_skip:
-            bad = grad_norm.lt(math.inf).logical_not_()  # NaN or inf (a norm is never -inf); 2 kernels, not isfinite's 4
-            if self.on_nonfinite == "stop":
-                self._found_inf.logical_or_(bad)  # sticky: the first bad step freezes the weights
-            else:
-                self._consecutive.add_(1).mul_(bad)
-                self._frozen.logical_or_(self._consecutive >= self.max_skips)
-                torch.logical_or(bad, self._frozen, out=self._found_inf)
+            # NaN or inf (a norm is never -inf): 2 kernels into preallocated buffers, not isfinite's 4.
+            bad = torch.lt(grad_norm, self._inf, out=self._bad).logical_not_()
+            self._consecutive.add_(1).mul_(bad)
+            self._frozen.logical_or_(self._consecutive >= self.max_skips)  # the run stops at the next flush
+            torch.logical_or(bad, self._frozen, out=self._found_inf)
             return True
         if self.host_skip:  # one host read per step: no fused kernel to skip on the device
             bad = not math.isfinite(float(grad_norm))
             self._host_consecutive = self._host_consecutive + 1 if bad else 0
-            self._host_frozen |= bad and (self.on_nonfinite == "stop" or self._host_consecutive >= self.max_skips)
+            self._host_frozen |= bad and self._host_consecutive >= self.max_skips
             return not (bad or self._host_frozen)
         return True
 

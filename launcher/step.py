@@ -46,9 +46,11 @@ class StepOps:
             self.accelerator.backward(loss)
 
     def clip_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm before clipping (a plain tensor, the same on every rank), or None."""
         if self.params is not None:
             return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        return self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 may return a DTensor
 
     def optimizer_step(self) -> None:
         (self.torch_optimizer or self.optimizer).step()

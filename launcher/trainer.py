@@ -113,7 +113,8 @@ class Trainer:
         self.model, self.optimizer, self.train_loader = acc.prepare(model, self.optimizer, train_loader)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.scheduler = LRScheduler(self.optimizer, cfg.schedule, [g["lr"] for g in self.optimizer.param_groups],
+        self.scheduler = LRScheduler(getattr(self.optimizer, "optimizer", self.optimizer), cfg.schedule,
+                                     [g["lr"] for g in self.optimizer.param_groups],
                                      self.plan.warmup_steps, self.plan.steps_per_epoch, self.plan.total_steps)
         self.state = TrainState()
         self.summary = RunSummary(cfg.tracking)
@@ -142,6 +143,12 @@ class Trainer:
         self._input_dtype = engine_input_dtype(acc)
         self._single = acc.num_processes == 1
         self._loss_hooks = self.hooks.has("on_loss")
+        self._after_step_hooks = self.hooks.has("after_step")
+        self._log_every = cfg.train.log_every_n_steps
+        self._ckpt_every = cfg.checkpoint.every_n_steps if cfg.checkpoint.enabled else 0
+        # The param groups the scheduler sets (the same dicts the prepared optimizer shows, without its
+        # property indirection on every step).
+        self._param_groups = getattr(self.optimizer, "optimizer", self.optimizer).param_groups
         self._eval_preempt = False
         self._start = time.perf_counter()
 
@@ -243,10 +250,12 @@ class Trainer:
         s = self.state
         if self._single and self.preemption.requested:  # one process: act at the step in flight
             return self._sync(preempt=True)
-        self.hooks.after_step(self)
+        if self._after_step_hooks:
+            self.hooks.after_step(self)
         self._tick()
-        due = self.checkpoints.due(s.step, s.step_in_epoch, self.plan.steps_per_epoch, self.plan.total_steps)
-        if (due or s.step % self.cfg.train.log_every_n_steps == 0) and self._sync():
+        due = bool(self._ckpt_every) and s.step % self._ckpt_every == 0 and self.checkpoints.due(
+            s.step, s.step_in_epoch, self.plan.steps_per_epoch, self.plan.total_steps)
+        if (due or s.step % self._log_every == 0) and self._sync():
             return True
         if s.status != "running":  # a hook called stop()
             return True
@@ -329,13 +338,12 @@ class Trainer:
         s = self.state
         if isinstance(grad_norm, torch.Tensor):
             gn = grad_norm if grad_norm.ndim == 0 and grad_norm.dtype == torch.float32 else grad_norm.float().reshape(())
-            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP2 returns a DTensor
         else:
             gn = torch.full((), math.nan if grad_norm is None else float(grad_norm), device=loss.device)
         if loss.ndim or loss.dtype != torch.float32:
             loss = loss.float().reshape(())
         self._pending.append((s.step, s.epoch + s.step_in_epoch / self.plan.steps_per_epoch, self._last_lrs, loss, gn))
-        self._last_lrs = [g["lr"] for g in self.optimizer.param_groups]  # what the scheduler set for the next step
+        self._last_lrs = [g["lr"] for g in self._param_groups]  # what the scheduler set for the next step
 
     def _flush(self) -> tuple[bool, Event | None]:
         """One all-reduce and one host read for every step since the last flush, plus the preemption flag.

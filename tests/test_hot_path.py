@@ -63,14 +63,13 @@ def test_device_skip_leaves_weights_and_optimizer_state_bit_identical():
 
 
 @settings(max_examples=40, deadline=None)
-@given(policy=st.sampled_from(["skip", "stop"]), max_skips=st.integers(1, 3),
-       norms=st.lists(st.sampled_from([1.0, 1.0, NAN, INF]), min_size=1, max_size=12),
+@given(max_skips=st.integers(1, 3), norms=st.lists(st.sampled_from([1.0, 1.0, NAN, INF]), min_size=1, max_size=12),
        fused=st.booleans())
-def test_the_host_replay_matches_what_the_step_did(policy, max_skips, norms, fused):
+def test_the_host_replay_matches_what_the_step_did(max_skips, norms, fused):
     """`decide` at the flush must tell exactly which steps were skipped and where the weights froze,
     for the device skip (fused) and the host fallback (foreach) alike."""
     model, opt = _model_and_optimizer(fused)
-    guard = NonFiniteGuard(policy, max_skips, torch.device("cpu"), torch_optimizer=opt)
+    guard = NonFiniteGuard("skip", max_skips, torch.device("cpu"), torch_optimizer=opt)
     assert guard.device_skip == fused and guard.host_skip == (not fused)
     changed = _run(guard, model, opt, norms)
     events = guard.decide(list(range(1, len(norms) + 1)), [0.0] * len(norms), norms)
@@ -81,6 +80,15 @@ def test_the_host_replay_matches_what_the_step_did(policy, max_skips, norms, fus
         assert did_change == expected, (step, events, changed)
     if stop is not None:
         assert events[-1].step == stop and all(not e.stop for e in events[:-1])
+
+
+def test_stop_costs_nothing_per_step_and_stops_at_the_first_bad_step():
+    _, opt = _model_and_optimizer()
+    guard = NonFiniteGuard("stop", 10, torch.device("cpu"), torch_optimizer=opt)
+    assert not guard.device_skip and not guard.host_skip and not hasattr(opt, "found_inf")
+    assert guard.before_step(torch.tensor(NAN))  # the step goes ahead; the flush decides
+    events = guard.decide([1, 2, 3, 4], [0.0, 0.0, 1.0, 0.0], [1.0, INF, NAN, 1.0])
+    assert [(e.step, e.stop) for e in events] == [(2, True)]
 
 
 def test_decide_counts_consecutive_skips_across_flushes_and_names_loss_ranks():
