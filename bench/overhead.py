@@ -32,8 +32,9 @@ and the final evaluation outside; rank 0's clock; OMP_NUM_THREADS=1 so 2 process
             gives a second, load-stripped estimate. Only trustworthy on a quiet machine.
 
 On one process the two sides compute the same numbers: the per-step losses are compared and the
-largest difference is reported (0: identical training). With gpt the window positions come from
-torch's global RNG, which the interleaved sides share, so their losses differ there.
+largest difference is reported (0: identical training). gpt's windows come from its own
+counter-based generator (launcher.data.SampleRandom) on both sides, so one process is identical too;
+at 2 processes the two sides' gpt losses differ (by up to 0.12 here; the cause is not established).
 
 Syncs: one more launcher run per case (not timed) counts the host reads (`Tensor.item`, `tolist`,
 `__bool__`, `__float__`, `__int__` called from Python) and Python-level `torch.distributed` calls per
