@@ -248,17 +248,9 @@ def resolve_resume(resume: str, checkpoints_dir: str, accelerator) -> str | None
     checkpoint at all; refused if there are checkpoints but none is intact. A path: a checkpoint
     folder, or a run / checkpoints folder (its newest intact checkpoint).
     """
-    decision: list[Any] = [None, None]
-    if accelerator.is_main_process:
-        decision = list(_find(resume, checkpoints_dir))
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    from launcher.distributed import agree
 
-        broadcast_object_list(decision, from_process=0)
-    path, problem = decision
-    if problem:
-        raise UsageError(problem)
-    return path
+    return agree(accelerator, lambda: _find(resume, checkpoints_dir))
 
 
 def _find(resume: str, checkpoints_dir: str) -> tuple[str | None, str | None]:

@@ -346,6 +346,23 @@ def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_
     return accelerator
 
 
+def agree(accelerator, decide) -> Any:
+    """The main process decides, every rank learns the decision, a problem is a UsageError on every rank.
+
+    `decide()` runs on the main process only and returns (value, problem or None). Every rank must
+    call `agree` together: a rank that raised alone would leave the others waiting in a collective.
+    """
+    decision: list[Any] = list(decide()) if accelerator.is_main_process else [None, None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(decision, from_process=0)
+    value, problem = decision
+    if problem:
+        raise UsageError(problem)
+    return value
+
+
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return str(accelerator.distributed_type).endswith("DEEPSPEED")
 

@@ -134,19 +134,14 @@ def _agree_output_dir(accelerator, name: str, output_dir: str | None) -> str:
     Nothing is created here: the main process creates it only once there are results to write, so
     a test that fails to start leaves nothing behind.
     """
-    from accelerate.utils import broadcast_object_list
+    from launcher.distributed import agree
 
-    decision: list[Any] = [None, None]
-    if accelerator.is_main_process:
+    def decide():
         path = output_dir or os.path.join("runs", f"find_lr-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        decision = [os.path.abspath(path), _check_output_dir(path)]
+        return os.path.abspath(path), _check_output_dir(path)
+
     # Every rank must learn the verdict, or the others would train while the main process exits.
-    if accelerator.num_processes > 1:
-        broadcast_object_list(decision, from_process=0)
-    path, problem = decision
-    if problem:
-        raise UsageError(problem)
-    return path
+    return agree(accelerator, decide)
 
 
 class RangeTest:

@@ -309,35 +309,41 @@ def accelerate_args(spec: JobSpec) -> list[str]:
     return args
 
 
-def render(spec: JobSpec) -> str:
-    """The batch script for `spec` (single_node.sbatch or multi_node.sbatch)."""
-    template_name = "single_node.sbatch" if spec.nodes == 1 else "multi_node.sbatch"
-    template = (TEMPLATE_DIR / template_name).read_text()
-    slurm_signal = spec.signal.removeprefix("SIG")
-    device = f"{spec.gpus_per_node} GPU(s) per node" if spec.gpus_per_node else "CPU only"
-    values = {
+def common_values(spec: JobSpec, log_pattern) -> dict[str, str]:
+    """Template values every batch script shares (single node, multi node, the sweep's job array)."""
+    return {
         "job_name": spec.job_name,
-        "nodes": str(spec.nodes),
         "processes_per_node": str(spec.processes_per_node),
-        "total_processes": str(spec.nodes * spec.processes_per_node),
-        "device": device,
         "cpus_per_task": str(spec.cpus_per_task),
         "gres_line": f"#SBATCH --gres=gpu:{spec.gpus_per_node}" if spec.gpus_per_node else "",
         "time": spec.time,
         "partition_line": f"#SBATCH --partition={spec.partition}" if spec.partition else "",
         "account_line": f"#SBATCH --account={spec.account}" if spec.account else "",
         "workdir": _sbatch_value(spec.workdir),
-        "log_pattern": _sbatch_value(spec.log_pattern),
-        "signal": slurm_signal,
+        "log_pattern": _sbatch_value(log_pattern),
+        "signal": spec.signal.removeprefix("SIG"),
         "signal_name": spec.signal,
         "signal_seconds": str(spec.signal_seconds),
         "max_requeues": str(spec.max_requeues),
-        "script_path": _q(spec.script_path),
-        "script_path_text": str(spec.script_path),
-        "run_dir": _q(spec.run_dir),
         "python": _q(spec.python),
         "pythonpath": _q(REPO_ROOT),
         "cpu_env_line": "export ACCELERATE_USE_CPU=true" if spec.gpus_per_node == 0 else "",
+    }
+
+
+def render(spec: JobSpec) -> str:
+    """The batch script for `spec` (single_node.sbatch or multi_node.sbatch)."""
+    template_name = "single_node.sbatch" if spec.nodes == 1 else "multi_node.sbatch"
+    template = (TEMPLATE_DIR / template_name).read_text()
+    device = f"{spec.gpus_per_node} GPU(s) per node" if spec.gpus_per_node else "CPU only"
+    values = {
+        **common_values(spec, spec.log_pattern),
+        "nodes": str(spec.nodes),
+        "total_processes": str(spec.nodes * spec.processes_per_node),
+        "device": device,
+        "script_path": _q(spec.script_path),
+        "script_path_text": str(spec.script_path),
+        "run_dir": _q(spec.run_dir),
         "accelerate_args": " ".join(_q(a) for a in accelerate_args(spec)),
         "recipe": _q(spec.recipe_copy),
         "overrides": "\n  ".join(_q(o) for o in spec.overrides),

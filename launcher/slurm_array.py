@@ -38,33 +38,18 @@ def _active(out: Path) -> list[str]:
 
 
 def render_array(spec: Any, out: Path, tasks: list[tuple[Path, list[str]]], parallel: int, script_path: Path) -> str:
-    from launcher.slurm import TEMPLATE_DIR, _q, _sbatch_path, _sbatch_value, accelerate_args
+    from launcher.slurm import TEMPLATE_DIR, _q, _sbatch_path, accelerate_args, common_values
 
     log_pattern = _sbatch_path("--output_dir", out.resolve() / "slurm") / "%x-%A_%a.out"
     cases = "\n".join(f"  {i})\n    RUN_DIR={_q(run_dir)}\n    POINT_ARGS=({' '.join(_q(a) for a in args)})\n    ;;"
                       for i, (run_dir, args) in enumerate(tasks))
     values = {
-        "job_name": spec.job_name,
+        **common_values(spec, log_pattern),
         "num_tasks": str(len(tasks)),
         "parallel": str(parallel),
         "array": f"0-{len(tasks) - 1}%{parallel}",
-        "processes_per_node": str(spec.processes_per_node),
         "device": f"{spec.gpus_per_node} GPU(s)" if spec.gpus_per_node else "CPU only",
-        "cpus_per_task": str(spec.cpus_per_task),
-        "gres_line": f"#SBATCH --gres=gpu:{spec.gpus_per_node}" if spec.gpus_per_node else "",
-        "time": spec.time,
-        "partition_line": f"#SBATCH --partition={spec.partition}" if spec.partition else "",
-        "account_line": f"#SBATCH --account={spec.account}" if spec.account else "",
-        "workdir": _sbatch_value(spec.workdir),
-        "log_pattern": _sbatch_value(log_pattern),
-        "signal": spec.signal.removeprefix("SIG"),
-        "signal_name": spec.signal,
-        "signal_seconds": str(spec.signal_seconds),
-        "max_requeues": str(spec.max_requeues),
         "script_path_text": str(script_path),
-        "python": _q(spec.python),
-        "pythonpath": _q(Path(__file__).resolve().parent.parent),
-        "cpu_env_line": "export ACCELERATE_USE_CPU=true" if spec.gpus_per_node == 0 else "",
         "accelerate_args": " ".join(_q(a) for a in accelerate_args(spec)),
         "recipe": _q(out.resolve() / "slurm" / spec.recipe.name),
         "cases": cases,

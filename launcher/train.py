@@ -90,10 +90,9 @@ def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str |
     A fresh run refuses an existing non-empty directory (nothing is overwritten). With --resume the
     directory may exist; config.yaml is written only if absent. Returns (path, the topmost directory created here or None).
     """
-    from accelerate.utils import broadcast_object_list
+    from launcher.distributed import agree
 
-    decision: list[Any] = [None, None, False]
-    if accelerator.is_main_process:
+    def decide():
         path = output_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         busy = os.path.isdir(path) and any(os.scandir(path))
         problem = None
@@ -102,13 +101,10 @@ def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str |
         elif busy and resume is None:
             problem = (f"output directory {path!r} already exists; choose another --output_dir, "
                        f"or pass --resume auto to continue that run")
-        decision = [os.path.abspath(path), problem, _first_missing(os.path.abspath(path))]
+        return (os.path.abspath(path), _first_missing(os.path.abspath(path))), problem
+
     # Every rank must learn the verdict before the main process creates anything.
-    if accelerator.num_processes > 1:
-        broadcast_object_list(decision, from_process=0)
-    path, problem, created = decision
-    if problem:
-        raise UsageError(problem)
+    path, created = agree(accelerator, decide)
     if accelerator.is_main_process:
         makedirs(path, "--output_dir")
     return path, created

@@ -8,7 +8,6 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,6 @@ RECIPE = str(REPO / "recipes" / "mnist1d.yaml")
 CPU_CONFIG = str(REPO / "accelerate_configs" / "cpu_ddp.yaml")
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[slurm_cluster.Cluster]:
-    """A running cluster; skipped only when Slurm cannot be installed here, any other problem fails."""
-    try:
-        running, started_now = slurm_cluster.start()
-    except slurm_cluster.SlurmUnavailable as err:
-        pytest.skip(str(err))
-    yield running
-    if started_now:
-        slurm_cluster.stop(running.state_dir)
 
 
 @pytest.fixture

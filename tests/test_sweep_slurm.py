@@ -9,28 +9,17 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import slurm_cluster
 
 from helpers import ROOT, assert_usage_error, run
 
 pytestmark = pytest.mark.slurm
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[slurm_cluster.Cluster]:
-    try:
-        running, started_now = slurm_cluster.start()
-    except slurm_cluster.SlurmUnavailable as err:
-        pytest.skip(str(err))
-    yield running
-    if started_now:
-        slurm_cluster.stop(running.state_dir)
 
 
 def test_sweep_as_a_job_array(cluster, tmp_path):
