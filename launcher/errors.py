@@ -37,6 +37,15 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(USAGE_EXIT)
 
 
+def exit_with(main: Callable[[], int | None]) -> NoReturn:
+    """Run an argparse entry point: its status becomes the exit status, a UsageError one line and 2."""
+    try:
+        status = main()
+    except UsageError as err:
+        fail(str(err))
+    raise SystemExit(status)
+
+
 def run_cli(fn: Callable[..., Any], name: str | None = None, argv: list[str] | None = None,
             positional: int | None = None) -> None:
     """Run `fn` under python-fire; a UsageError becomes one line on stderr and exit status 2.

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import UsageError, fail
+from launcher.errors import UsageError, exit_with
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = REPO_ROOT / "slurm"
@@ -577,11 +577,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 def cli() -> None:
-    try:
-        status = main()
-    except UsageError as err:
-        fail(str(err))
-    raise SystemExit(status)
+    exit_with(main)
 
 
 if __name__ == "__main__":

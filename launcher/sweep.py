@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import UsageError, fail
+from launcher.errors import UsageError, exit_with
 from launcher.orchestrate import Job, check_output_dir, launch_prefix, override_text, run_jobs
 
 _RANGE = re.compile(r"^\s*([^:,]+):([^:,]+)\s*$")
@@ -332,11 +332,7 @@ def cli() -> None:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         _parser().print_help()
         return
-    try:
-        status = main()
-    except UsageError as err:
-        fail(str(err))
-    raise SystemExit(status)
+    exit_with(main)
 
 
 if __name__ == "__main__":
