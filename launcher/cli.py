@@ -154,28 +154,17 @@ def precheck(command: str, rest: list[str]) -> None:
     """The checks a training process would make first, made once here: flags, recipe, output paths."""
     module = importlib.import_module(f"launcher.{command}")
     from launcher.errors import check_flags
-    from launcher.slurm import _parse_value
+    from launcher.slurm import _parse_value, split_flags
 
     check_flags(module.main, rest, f"launcher {command}")
     own_names = {"recipe", "output_dir", "resume", "print_config", "plot", "apply", "start_lr", "end_lr",
                  "num_steps", "beta", "diverge_factor"}
     own: dict[str, object] = {}
     overrides: dict[str, object] = {}
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--") or token == "--":
+    for key, value, token in split_flags(rest):
+        if key is None:
             raise UsageError(f"unexpected argument {token!r}; write --flag=value (see launcher {command} --help)")
-        key, eq, value = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-                value = rest[i + 1]
-                i += 1
-            else:
-                value = "true"
-        (own if key in own_names else overrides)[key] = _parse_value(value)
-        i += 1
+        (own if key in own_names else overrides)[key] = _parse_value("true" if value is None else value)
     recipe = own.get("recipe")
     if not isinstance(recipe, str):
         raise UsageError(f"--recipe is required, e.g. launcher {command} --recipe recipes/mnist1d.yaml")

@@ -158,23 +158,36 @@ def _parse_value(text: str) -> Any:
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """`--a.b=v` / `--a.b v` tokens -> {'a.b': value}, values read the way fire reads them."""
     overrides: dict[str, Any] = {}
+    for key, value, token in split_flags(tokens):
+        if key is None:
+            raise UsageError(f"training override {token!r}: write --section.key=value, e.g. --optim.lr=0.005")
+        if value is None:
+            raise UsageError(f"training override {token!r} has no value; write {token}=VALUE")
+        if not _KEY.fullmatch(key):
+            raise UsageError(f"training override key {key!r}: write --section.key=value, e.g. --optim.lr=0.005")
+        overrides[key] = _parse_value(value)
+    return overrides
+
+
+def split_flags(tokens: list[str]) -> list[tuple[str | None, str | None, str]]:
+    """`--a.b=v` / `--a.b v` / `--flag` tokens -> (key with `-` as `_`, value or None, the flag token);
+    a word that is not a flag comes back as (None, None, word). Callers say what each case means."""
+    out: list[tuple[str | None, str | None, str]] = []
     i = 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or token == "--":
-            raise UsageError(f"training override {token!r}: write --section.key=value, e.g. --optim.lr=0.005")
+            out.append((None, None, token))
+            i += 1
+            continue
         key, eq, value = token[2:].partition("=")
         if not eq:
-            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise UsageError(f"training override {token!r} has no value; write {token}=VALUE")
-            value = tokens[i + 1]
-            i += 1
-        key = key.replace("-", "_")
-        if not _KEY.fullmatch(key):
-            raise UsageError(f"training override key {key!r}: write --section.key=value, e.g. --optim.lr=0.005")
-        overrides[key] = _parse_value(value)
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            value = tokens[i + 1] if has_value else None
+            i += has_value
+        out.append((key.replace("-", "_"), value, token))
         i += 1
-    return overrides
+    return out
 
 
 def _override_tokens(tokens: list[str]) -> tuple[str, ...]:
