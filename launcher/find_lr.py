@@ -190,31 +190,28 @@ class RangeTest:
 
 
 class LRSchedule:
-    """The range test's LR for the trainer: every param group at lr_at(k) for step k (0-based here)."""
+    """The range test's LR for the trainer: every param group at lr_at(k - 1) for optimizer step k (1-based)."""
 
     plateau = None
 
     def __init__(self, optimizer, start_lr: float, end_lr: float, num_steps: int):
         self.optimizer, self.start_lr, self.end_lr, self.num_steps = optimizer, start_lr, end_lr, num_steps
-        self.num_steps_done = 0
-        self._apply()
+        self.apply(1)
+
+    def apply(self, k: int) -> list[float]:
+        self.lrs = [lr_at(k - 1, self.num_steps, self.start_lr, self.end_lr)] * len(self.optimizer.param_groups)
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            group["lr"] = lr
+        return self.lrs
 
     def get_last_lr(self) -> list[float]:
-        return [lr_at(self.num_steps_done, self.num_steps, self.start_lr, self.end_lr)] * len(self.optimizer.param_groups)
-
-    def _apply(self) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
-            group["lr"] = lr
-
-    def step(self) -> None:
-        self.num_steps_done += 1
-        self._apply()
+        return self.lrs
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_steps_done": self.num_steps_done}
+        return {}
 
 
 RANGE_TEST_OVERRIDES = {

@@ -73,6 +73,8 @@ class NonFiniteGuard:
         skipping = opt is not None and not self.scaler and self.on_nonfinite == "skip"
         self.device_skip = bool(skipping and any(g.get("fused") for g in opt.param_groups))
         self.host_skip = skipping and not self.device_skip
+        self.per_step = self.device_skip or self.host_skip
+        """Whether `before_step` has anything to do (`stop`, and fp16 with a scaler, need nothing per step)."""
         if self.device_skip:
             self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
             self._consecutive = torch.zeros((), dtype=torch.int32, device=self.device)
@@ -85,10 +87,9 @@ class NonFiniteGuard:
         self.norm_known = False
 
     def before_step(self, grad_norm: torch.Tensor | None) -> bool:
-        """Between clipping and `optimizer.step()`. Returns False when the host must not step."""
+        """Between clipping and `optimizer.step()` when `per_step`. Returns False when the host must not step."""
         if grad_norm is None:
             return True
-        self.norm_known = True
         if self.device_skip:
             # NaN or inf (a norm is never -inf): 2 kernels into preallocated buffers, not isfinite's 4.
             bad = torch.lt(grad_norm, self._inf, out=self._bad).logical_not_()
@@ -103,7 +104,12 @@ class NonFiniteGuard:
             return not (bad or self._host_frozen)
         return True
 
-    def decide(self, steps: list[int], loss_bad_ranks: list[float], norms: list[float]) -> list[Event]:
+    def saw_norms(self, norms: list) -> None:
+        """At a flush, the steps' norms as measured (None where the engine gave none)."""
+        if not self.norm_known:
+            self.norm_known = any(norm is not None for norm in norms)
+
+    def decide(self, steps, loss_bad_ranks: list[float], norms: list[float]) -> list[Event]:
         """Replay the policy over the read-back steps; the events up to and including a stop.
 
         Where the update was skipped by the gradient norm (on the device or the host), the norm alone

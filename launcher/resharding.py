@@ -176,7 +176,7 @@ def rebatch(state: dict[str, Any], old_global_batch: int, plan, scheduler_now: d
     samples = int(train_state["step_in_epoch"]) * old_global_batch
     step_in_epoch = min(samples // plan.global_batch, plan.steps_per_epoch)
     position = int(train_state["epoch"]) * plan.steps_per_epoch + step_in_epoch
-    scheduler = {**state["scheduler"], "num_steps": position,
+    scheduler = {**state["scheduler"],
                  **{k: scheduler_now[k] for k in ("base_lrs", "warmup_steps", "steps_per_epoch", "total_steps")}}
     train_state["step_in_epoch"] = step_in_epoch
     again = samples - step_in_epoch * plan.global_batch

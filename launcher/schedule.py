@@ -18,7 +18,8 @@ Conventions (all counts are optimizer updates, after gradient accumulation):
   `plateau.style: keras` follows Keras' ReduceLROnPlateau instead (`Plateau._step_keras`).
 - `granularity: epoch`: one LR per epoch, as Keras callbacks set it at epoch starts (`_epoch_lr`).
 
-The scheduler is stepped once per optimizer update by the trainer and is never passed to
+The trainer sets the LRs of the next optimizer step after every update (`LRScheduler.apply(k)`;
+the trainer's step is the only step counter) and never passes the scheduler to
 `accelerator.prepare` (which would step it once per process: accelerate#2318).
 
 Preview the schedule: `python -m launcher.schedule --recipe recipes/mnist1d_fast.yaml`.
@@ -206,8 +207,10 @@ class Plateau:
 class LRScheduler:
     """Sets `group['lr']` of every param group to base_lr_g x warmup x decay x plateau.
 
-    Call `step()` once after every optimizer update that really happened, and `end_epoch()` once
-    per epoch with the validation metrics. `optimizer=None` previews the schedule without one.
+    It keeps no step count of its own: the trainer's step is the one counter. `apply(k)` sets the
+    LRs optimizer step k will use (the trainer calls it after every optimizer update with the next
+    step's k, skipped updates included) and `end_epoch()` feeds the plateau once per epoch.
+    `optimizer=None` previews the schedule without one.
     """
 
     def __init__(self, optimizer: Any, cfg: ScheduleConfig, base_lrs: list[float], warmup_steps: int,
@@ -218,10 +221,16 @@ class LRScheduler:
         self.warmup_steps = warmup_steps
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
-        self.num_steps = 0
-        """Optimizer updates taken so far."""
         self.plateau = Plateau(cfg.plateau) if cfg.plateau.enabled else None
-        self._apply()
+        # lrs_at(k) for k in [_first, _first + len(_table)): an epoch at a time, rebuilt when the
+        # plateau factor changes (only at epoch ends), so a step only looks its LRs up.
+        self._first = 0
+        self._table: list[list[float]] = []
+        self.next_step = 1
+        """The k of the last `apply(k)`: the optimizer step the LRs in the optimizer are for."""
+        self.lrs: list[float] = []
+        """What the last `apply` set, one per param group."""
+        self.apply(1)
 
     @property
     def plateau_factor(self) -> float:
@@ -230,29 +239,32 @@ class LRScheduler:
     def lrs_at(self, k: int) -> list[float]:
         """LRs (one per param group) that optimizer step k uses, with the current plateau factor."""
         out: list[float] = []
+        factor = self.plateau.factor if self.plateau else 1.0
+        floor = self.cfg.min_lr if k > self.warmup_steps else None
         for i, base in enumerate(self.base_lrs):
             if i and base == self.base_lrs[i - 1]:  # param groups usually share the base LR
                 out.append(out[-1])
                 continue
-            lr = scheduled_lr(k, base, self.cfg, self.warmup_steps, self.steps_per_epoch, self.total_steps)
-            lr *= self.plateau_factor
-            if k > self.warmup_steps:
-                lr = max(self.cfg.min_lr, lr)
-            out.append(lr)
+            lr = scheduled_lr(k, base, self.cfg, self.warmup_steps, self.steps_per_epoch, self.total_steps) * factor
+            out.append(lr if floor is None else max(floor, lr))
         return out
 
     def get_last_lr(self) -> list[float]:
         """LRs the next optimizer step will use (what is set in the optimizer now)."""
-        return self.lrs_at(self.num_steps + 1)
+        return self.lrs
 
-    def _apply(self) -> None:
-        if self.optimizer is not None:
-            for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+    def apply(self, k: int) -> list[float]:
+        """Set the LRs of optimizer step k (1-based) in the optimizer; returns them."""
+        i = k - self._first
+        if not 0 <= i < len(self._table):
+            self._first, i = k, 0
+            self._table = [self.lrs_at(j) for j in range(k, k + max(1, min(self.steps_per_epoch, 100_000)))]
+        self.lrs = lrs = self._table[i]
+        self.next_step = k
+        if self.optimizer is not None:  # param_groups is a new list after optimizer.load_state_dict
+            for group, lr in zip(self.optimizer.param_groups, lrs):
                 group["lr"] = lr
-
-    def step(self) -> None:
-        self.num_steps += 1
-        self._apply()
+        return lrs
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> str | None:
         """Feed the plateau with this epoch's validation metrics; returns a message on a reduction."""
@@ -262,28 +274,31 @@ class LRScheduler:
         if name not in metrics:
             raise KeyError(f"schedule.plateau.metric: {name!r} is not a validation metric of this task "
                            f"(have: {', '.join(sorted(metrics))})")
-        k = self.num_steps + 1
+        k = self.next_step
         scheduled = scheduled_lr(k, self.base_lrs[0], self.cfg, self.warmup_steps, self.steps_per_epoch,
                                  self.total_steps)
-        in_warmup = self.warmup_steps > 0 and self.num_steps <= self.warmup_steps
+        in_warmup = self.warmup_steps > 0 and k - 1 <= self.warmup_steps
         message = self.plateau.step(float(metrics[name]), scheduled, epoch, counts=not in_warmup)
-        self._apply()
+        self._table = []
+        self.apply(k)
         return message
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "base_lrs": self.base_lrs, "warmup_steps": self.warmup_steps,
+        """The plateau state and the schedule's shape; the position is the trainer's step."""
+        return {"base_lrs": self.base_lrs, "warmup_steps": self.warmup_steps,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "plateau": self.plateau.state_dict() if self.plateau else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.num_steps = int(state["num_steps"])
+        """Checkpoints before the scheduler lost its counter also hold `num_steps` (equal to the step): ignored."""
         self.base_lrs = list(state["base_lrs"])
         self.warmup_steps = int(state["warmup_steps"])
         self.steps_per_epoch = int(state["steps_per_epoch"])
         self.total_steps = int(state["total_steps"])
         if self.plateau is not None and state.get("plateau"):
             self.plateau.load_state_dict(state["plateau"])
-        self._apply()
+        self._table = []
+        self.apply(self.next_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +310,7 @@ def preview(cfg: ScheduleConfig, base_lr: float, warmup_steps: int, steps_per_ep
             total_steps: int) -> dict[str, Any]:
     """The LR of every optimizer step and at the end of every epoch, through the trainer's scheduler."""
     sched = LRScheduler(None, cfg, [base_lr], warmup_steps, steps_per_epoch, total_steps)
-    steps = []
-    for _ in range(total_steps):
-        steps.append(sched.get_last_lr()[0])
-        sched.step()
+    steps = [sched.apply(k)[0] for k in range(1, total_steps + 1)]
     epochs = []
     for e in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
         k = min(e * steps_per_epoch, total_steps)

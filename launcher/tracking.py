@@ -15,9 +15,12 @@ import contextlib
 import json
 import math
 import os
+import queue
 import secrets
 import string
 import sys
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -34,6 +37,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_encode = json.JSONEncoder(allow_nan=False).encode  # json.dumps' output, refusing NaN / inf
+
+
+def _line(row: dict[str, Any]) -> str:
+    """One metrics.jsonl line; a non-finite float becomes null (NaN) or +-1e308 (inf), as JSON has neither."""
+    try:
+        return _encode(row) + "\n"
+    except ValueError:
+        return json.dumps({k: _clean(v) for k, v in row.items()}) + "\n"
+
+
 class NullTracker:
     run_id: str | None = None
 
@@ -43,7 +57,7 @@ class NullTracker:
     def log(self, row: dict[str, Any]) -> None:
         pass
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> None:
         pass
 
     def set_summary(self, summary: dict[str, Any]) -> None:
@@ -56,9 +70,12 @@ class NullTracker:
 class Tracker(NullTracker):
     """Writes one JSON object per line to `<run_dir>/metrics.jsonl`, and to W&B / TensorBoard if enabled.
 
-    Rows are buffered and written on `flush()` (the trainer flushes at log intervals, at epoch ends
-    and before every checkpoint), so a crash loses at most the rows since the last checkpoint,
-    which the resumed run writes again.
+    Rows are buffered and written on `flush()`. `flush(wait=False)` hands them to a writer thread
+    and returns at once (the trainer's flushes every `train.log_every_n_steps` steps: JSON encoding
+    and the W&B / TensorBoard calls run beside training); `flush()` returns when everything handed
+    over is written (before every checkpoint and at the end), so a crash loses at most the rows
+    since the last checkpoint, which the resumed run writes again. An error of the writer (a full
+    disk) is raised by the next `flush`.
 
     Args:
       run_dir: the run directory (must exist).
@@ -81,6 +98,9 @@ class Tracker(NullTracker):
             self._history = self._truncate(truncate_after_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._pending: list[dict] = []
+        self._queue: queue.SimpleQueue | None = None
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._sinks: list[_Sink] = []
         self.run_id = None
         if cfg.wandb.enabled:
@@ -142,23 +162,66 @@ class Tracker(NullTracker):
     def log(self, row: dict[str, Any]) -> None:
         self._pending.append(row)
 
-    def flush(self) -> None:
-        if not self._pending:
-            self._each_sink("flush")
-            return
+    def flush(self, wait: bool = True) -> None:
+        """Write the rows logged so far; `wait=False`: in the writer thread, returning at once."""
         rows, self._pending = self._pending, []
-        lines = [json.dumps({k: _clean(v) for k, v in row.items()}) + "\n" for row in rows]
-        self._file.writelines(lines)
-        self._file.flush()
-        self._each_sink("log", rows)
+        if not wait:
+            if self._queue is None:
+                self._queue = queue.SimpleQueue()
+                self._writer = threading.Thread(target=self._write_loop, name="metrics-writer", daemon=True)
+                self._writer.start()
+            self._queue.put(rows)
+        else:
+            if self._queue is not None:  # everything handed over before comes first
+                done = threading.Event()
+                self._queue.put(done)
+                done.wait()
+            self._write(rows)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing {self.path} failed: {error}") from error
+
+    def _write(self, rows: list[dict], share: bool = False) -> None:
+        """`share` (the writer thread): let a waiting training thread take the GIL between rows, so the
+        encoding fills its GIL-free time (kernels, backward) instead of holding it up for a whole flush."""
+        if rows:
+            if share:
+                lines = []
+                for row in rows:
+                    lines.append(_line(row))
+                    time.sleep(0)
+                self._file.write("".join(lines))
+            else:
+                self._file.write("".join(map(_line, rows)))
+            self._file.flush()
+            self._each_sink("log", rows)
         self._each_sink("flush")
+
+    def _write_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                self._write(item, share=True)
+            except BaseException as err:  # raised in the training thread by the next flush
+                self._error = err
 
     def set_summary(self, summary: dict[str, Any]) -> None:
         """Put the run's summary.json values (best, final, epochs/steps/seconds to each target) into W&B."""
+        self.flush()
         self._each_sink("summary", summary_values(summary))
 
     def close(self) -> None:
         self.flush()
+        if self._writer is not None and self._queue is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = self._queue = None
         self._file.close()
         self._each_sink("close")
         self._sinks.clear()

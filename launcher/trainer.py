@@ -137,18 +137,23 @@ class Trainer:
         self.tracker = Tracker(run_dir, cfg.tracking, os.path.basename(run_dir), resume_run_id=resumed_run_id,
                                truncate_after_step=self.state.step if resume is not None else None) \
             if self.is_main else NullTracker()
-        self._pending: list[tuple[int, float, list[float], torch.Tensor, torch.Tensor]] = []
+        # The rows of the steps since the last flush: losses and norms on the device, the LRs they used.
+        self._losses: list[torch.Tensor] = []
+        self._norms: list[Any] = []
+        self._lrs: list[list[float]] = []
         self._micro_losses: list[torch.Tensor] = []
-        self._last_lrs = self.scheduler.get_last_lr()
+        # Steps counted ahead of the schedule's position: nonzero only after a change of global batch
+        # (launcher.resharding), where the schedule continues at the data position of the new plan.
+        st = self.state
+        self._schedule_offset = st.step - (st.epoch * self.plan.steps_per_epoch + st.step_in_epoch)
+        self.scheduler.apply(st.step + 1 - self._schedule_offset)
         self._input_dtype = engine_input_dtype(acc)
         self._single = acc.num_processes == 1
+        self._guard_per_step = self.guard.per_step
         self._loss_hooks = self.hooks.has("on_loss")
         self._after_step_hooks = self.hooks.has("after_step")
         self._log_every = cfg.train.log_every_n_steps
         self._ckpt_every = cfg.checkpoint.every_n_steps if cfg.checkpoint.enabled else 0
-        # The param groups the scheduler sets (the same dicts the prepared optimizer shows, without its
-        # property indirection on every step).
-        self._param_groups = getattr(self.optimizer, "optimizer", self.optimizer).param_groups
         self._eval_preempt = False
         self._start = time.perf_counter()
 
@@ -201,13 +206,14 @@ class Trainer:
             self.train_loader.set_epoch(s.epoch)  # Accelerate re-sets the sampler's epoch from this
         self.sampler.set_epoch(s.epoch, s.step_in_epoch)
         self.model.train()
-        self._last_lrs = self.scheduler.get_last_lr()  # the plateau step may have changed them
         self.hooks.on_epoch_start(self)
         epoch_start = time.perf_counter()
         for batch in self.train_loader:
             if self.train_step(batch) and self.after_step():
                 break
-        if s.status != "running" or self._sync():  # the epoch's last rows; a stop or preemption ends here
+        if (s.status == "running" or self._losses) and self._sync():  # the epoch's last rows
+            return
+        if s.status != "running":  # a stop or a preemption ends here
             return
         s.epoch += 1
         s.step_in_epoch = 0
@@ -219,9 +225,10 @@ class Trainer:
     def train_step(self, batch) -> bool:
         """One micro-batch; True when it completed an optimizer step. No host read, no collective.
 
-        A non-finite update is skipped on the device (launcher.nonfinite). The scheduler advances on
+        A non-finite update is skipped on the device (launcher.nonfinite). The schedule advances on
         every optimizer step, skipped or not: `state.step` is the one step counter, the LR of step k
         is the schedule's LR of step k, and the data position follows it (docs/checkpoints.md).
+        The step's loss and gradient norm stay on the device until `_flush` reads them in bulk.
         """
         inputs, targets = self._split(batch)
         with self._ops.accumulate():
@@ -233,15 +240,17 @@ class Trainer:
             if not self.accelerator.sync_gradients:  # optimizer.step() would be a no-op until the last micro-batch
                 return False
             losses, self._micro_losses = self._micro_losses, []
-            step_loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
             grad_norm = self._ops.clip_grad_norm()
-            if self.guard.before_step(grad_norm):
+            if not self._guard_per_step or self.guard.before_step(grad_norm):
                 self._ops.optimizer_step()
             self._ops.zero_grad()
-        self.scheduler.step()
-        self.state.step += 1
-        self.state.step_in_epoch += 1
-        self._record(step_loss, grad_norm)
+        s, scheduler = self.state, self.scheduler
+        s.step += 1
+        s.step_in_epoch += 1
+        self._losses.append(torch.stack(losses).mean() if len(losses) > 1 else losses[0])
+        self._norms.append(grad_norm)
+        self._lrs.append(scheduler.lrs)  # what this step used
+        scheduler.apply(s.step + 1 - self._schedule_offset)
         return True
 
     # ------------------------------------------------------------------------------------------
@@ -252,7 +261,6 @@ class Trainer:
             return self._sync(preempt=True)
         if self._after_step_hooks:
             self.hooks.after_step(self)
-        self._tick()
         due = bool(self._ckpt_every) and s.step % self._ckpt_every == 0 and self.checkpoints.due(
             s.step, s.step_in_epoch, self.plan.steps_per_epoch, self.plan.total_steps)
         if (due or s.step % self._log_every == 0) and self._sync():
@@ -280,6 +288,7 @@ class Trainer:
         One process decides on preemption at the top of `after_step` (`preempt`), so a signal that
         arrives during a step is acted on right after that step, whichever flush comes first.
         """
+        self._tick()
         agreed, stop = self._flush()
         if stop is not None:
             self.state.status = "nonfinite"
@@ -292,9 +301,11 @@ class Trainer:
     def save_checkpoint(self, metrics: dict[str, float] | None = None, reason: str = "step") -> str:
         """Every rank, right after a `_sync` (so the rows the checkpoint covers are on disk): write step_N."""
         s = self.state
+        self._tick()
         state = {"train_state": s.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "summary": self.summary.state_dict(), "run_id": self.tracker.run_id}
         epoch = s.epoch + s.step_in_epoch / self.plan.steps_per_epoch
+        self.tracker.flush()  # the rows this checkpoint covers are on disk before it exists
         return self.checkpoints.save(s.step, epoch, state, metrics, reason)
 
     def _resume(self, resume: str) -> str | None:
@@ -333,62 +344,63 @@ class Trainer:
                   file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------------------
-    def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """Keep the step's values on the device; `_flush` reads them back in bulk."""
-        s = self.state
-        if isinstance(grad_norm, torch.Tensor):
-            gn = grad_norm if grad_norm.ndim == 0 and grad_norm.dtype == torch.float32 else grad_norm.float().reshape(())
-        else:
-            gn = torch.full((), math.nan if grad_norm is None else float(grad_norm), device=loss.device)
-        if loss.ndim or loss.dtype != torch.float32:
-            loss = loss.float().reshape(())
-        self._pending.append((s.step, s.epoch + s.step_in_epoch / self.plan.steps_per_epoch, self._last_lrs, loss, gn))
-        self._last_lrs = [g["lr"] for g in self._param_groups]  # what the scheduler set for the next step
-
     def _flush(self) -> tuple[bool, Event | None]:
         """One all-reduce and one host read for every step since the last flush, plus the preemption flag.
 
         Returns (preempt agreed, the non-finite stop event if the policy stops in these steps).
         """
-        pending, self._pending = self._pending, []
-        n = self.accelerator.num_processes
-        requested = float(self.preemption.requested and n > 1)
-        if not pending and n == 1:
-            self.tracker.flush()
+        s, n = self.state, self.accelerator.num_processes
+        losses, norms, lrs = self._losses, self._norms, self._lrs
+        self._losses, self._norms, self._lrs = [], [], []
+        p = len(losses)
+        if not p and n == 1:
+            self.tracker.flush(wait=False)
             return False, None
         device = self.accelerator.device
-        p = len(pending)
-        if pending:
-            losses = torch.stack([row[3] for row in pending])
-            packed = torch.cat([losses, torch.isfinite(losses).logical_not_().float(),
-                                torch.full((1,), requested, device=device)])
+        self.guard.saw_norms(norms)
+        losses = [_scalar(v, device) for v in losses]
+        norms = [_scalar(v, device) for v in norms]
+        if n == 1:  # nothing to agree on: one stack, one read
+            values = torch.stack(losses + norms).tolist()
+            mean_losses, norms = values[:p], values[p:]
+            loss_bad, preempt = [0.0 if math.isfinite(v) else 1.0 for v in mean_losses], False
         else:
-            packed = torch.full((1,), requested, device=device)
-        if n > 1:
+            requested = torch.full((1,), float(self.preemption.requested), device=device)
+            if p:
+                stacked = torch.stack(losses)
+                packed = torch.cat([stacked, torch.isfinite(stacked).logical_not_().float(), requested])
+            else:
+                packed = requested
             torch.distributed.all_reduce(packed)
             packed[:p] /= n  # the mean loss over ranks, in float32 as each rank computed it
-        if pending:
-            packed = torch.cat([packed, torch.stack([row[4].to(device) for row in pending])])
-        values = packed.tolist()  # the host read
-        mean_losses, loss_bad, preempt, norms = values[:p], values[p:2 * p], values[2 * p] > 0, values[2 * p + 1:]
-        events = self.guard.decide([row[0] for row in pending], loss_bad, norms)
+            if p:
+                packed = torch.cat([packed, torch.stack(norms)])
+            values = packed.tolist()  # the host read
+            mean_losses, loss_bad, preempt, norms = values[:p], values[p:2 * p], values[2 * p] > 0, values[2 * p + 1:]
+        first = s.step - p + 1
+        steps = range(first, s.step + 1)
+        events = self.guard.decide(steps, loss_bad, norms)
         stop = events[-1] if events and events[-1].stop else None
         rows = []
-        for (step, epoch, lrs, _, _), loss, norm in zip(pending, mean_losses, norms):
+        spe = self.plan.steps_per_epoch
+        for step, step_lrs, loss, norm in zip(steps, lrs, mean_losses, norms):
             if stop is not None and step > stop.step:
                 break  # the weights froze at the stop (launcher.nonfinite): these steps did not happen
-            row = {"step": step, "epoch": round(epoch, 6), "lr": lrs[0], "train/loss": loss, "train/grad_norm": norm}
-            if len(lrs) > 1:
-                row.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
+            # Every pending step is in the current epoch (the epoch's end always flushes).
+            epoch = s.epoch + (s.step_in_epoch - (s.step - step)) / spe
+            row = {"step": step, "epoch": round(epoch, 6), "lr": step_lrs[0], "train/loss": loss,
+                   "train/grad_norm": norm}
+            if len(step_lrs) > 1:
+                row.update({f"lr/group{i}": lr for i, lr in enumerate(step_lrs)})
             self.tracker.log(row)
             rows.append(row)
         for event in events:
             self._report_nonfinite(event)
         if stop is not None:
-            undone = self.state.step - stop.step
-            self.state.step -= undone
-            self.state.step_in_epoch -= undone
-        self.tracker.flush()
+            undone = s.step - stop.step
+            s.step -= undone
+            s.step_in_epoch -= undone
+        self.tracker.flush(wait=False)  # JSON and W&B in the writer thread
         self.hooks.on_flush(self, rows)
         return preempt, stop
 
@@ -440,7 +452,7 @@ class Trainer:
                    "time/epoch_seconds": epoch_seconds,
                    **throughput(self.plan, self.task, epoch_seconds, self.cfg.train.peak_tflops, self.accelerator)}
             self.tracker.log(row)
-            self.tracker.flush()
+            self.tracker.flush(wait=False)
             self.summary.update(metrics, epoch=s.epoch, step=s.step, seconds=s.elapsed)
         message = self.scheduler.end_epoch(s.epoch, metrics) if metrics else None
         self.hooks.on_epoch_end(self, metrics)
@@ -482,6 +494,13 @@ class Trainer:
             self.preemption.run_hooks(self.checkpoints.last_saved or "", self.run_dir)
         if self.state.status in ("preempted", "nonfinite"):
             self.preemption.ignore_further()
+
+def _scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """A step's loss or gradient norm as a 0-d float32 tensor (NaN where no norm was measured)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dtype == torch.float32 and value.ndim == 0 else value.float().reshape(())
+    return torch.full((), math.nan if value is None else float(value), device=device)
+
 
 def _num_machines() -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))

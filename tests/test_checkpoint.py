@@ -223,7 +223,7 @@ def test_checkpoint_contents_load_weights_only(run_dir):
     assert set(rng) >= {"python", "numpy", "torch"}
     state = json.loads((ckpt / "state.json").read_text())
     assert state["train_state"]["step"] == total and state["train_state"]["step_in_epoch"] == 0
-    assert state["scheduler"]["num_steps"] == total
+    assert "num_steps" not in state["scheduler"]  # the position is the trainer's step (one counter)
     assert set(state["scheduler"]["plateau"]) >= {"best", "num_bad_epochs", "cooldown_counter", "factor"}
     assert state["summary"]["best"]
     meta = json.loads((ckpt / "meta.json").read_text())

@@ -72,6 +72,7 @@ def test_the_host_replay_matches_what_the_step_did(max_skips, norms, fused):
     guard = NonFiniteGuard("skip", max_skips, torch.device("cpu"), torch_optimizer=opt)
     assert guard.device_skip == fused and guard.host_skip == (not fused)
     changed = _run(guard, model, opt, norms)
+    guard.saw_norms(norms)  # as the trainer's flush does
     events = guard.decide(list(range(1, len(norms) + 1)), [0.0] * len(norms), norms)
     stop = next((e.step for e in events if e.stop), None)
     bad = {e.step for e in events}
@@ -86,7 +87,9 @@ def test_stop_costs_nothing_per_step_and_stops_at_the_first_bad_step():
     _, opt = _model_and_optimizer()
     guard = NonFiniteGuard("stop", 10, torch.device("cpu"), torch_optimizer=opt)
     assert not guard.device_skip and not guard.host_skip and not hasattr(opt, "found_inf")
-    assert guard.before_step(torch.tensor(NAN))  # the step goes ahead; the flush decides
+    assert not guard.per_step  # the trainer does not even call before_step
+    assert guard.before_step(torch.tensor(NAN))  # and when called, the step goes ahead; the flush decides
+    guard.saw_norms([1.0, INF, NAN, 1.0])
     events = guard.decide([1, 2, 3, 4], [0.0, 0.0, 1.0, 0.0], [1.0, INF, NAN, 1.0])
     assert [(e.step, e.stop) for e in events] == [(2, True)]
 

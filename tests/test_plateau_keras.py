@@ -67,7 +67,7 @@ def _compare(values, mode, factor, patience, min_delta, cooldown, min_lr) -> tup
                             min_lr=min_lr)
     got, want = [], []
     for epoch, value in enumerate(values, start=1):
-        ours.step()
+        ours.apply(ours.next_step + 1)
         ours.end_epoch(epoch, {"val/loss": value})
         ref.on_epoch_end(value)
         got.append(ours.get_last_lr()[0])
@@ -83,7 +83,7 @@ def test_keras_reduces_after_patience_bad_epochs_and_torch_after_one_more():
                               [1.0], 0, 1, 100)
     lrs = []
     for epoch, value in enumerate(values, start=1):
-        torch_style.step()
+        torch_style.apply(torch_style.next_step + 1)
         torch_style.end_epoch(epoch, {"val/loss": value})
         lrs.append(torch_style.get_last_lr()[0])
     assert lrs == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
@@ -127,13 +127,14 @@ def test_keras_style_rejects_torch_threshold_and_the_reverse():
 def test_keras_state_round_trip_mid_cooldown():
     sched = _keras_scheduler(patience=1, cooldown=3, factor=0.5)
     for epoch in range(1, 4):
-        sched.step()
+        sched.apply(sched.next_step + 1)
         sched.end_epoch(epoch, {"val/loss": 1.0})
     resumed = _keras_scheduler(patience=1, cooldown=3, factor=0.5)
     resumed.load_state_dict(sched.state_dict())
+    resumed.apply(sched.next_step)
     for epoch in range(4, 12):
         for s in (sched, resumed):
-            s.step()
+            s.apply(s.next_step + 1)
             s.end_epoch(epoch, {"val/loss": 1.0})
         assert resumed.get_last_lr() == sched.get_last_lr()
 

@@ -90,7 +90,7 @@ def test_per_group_base_lrs_are_scaled_alike():
     s = LRScheduler(opt, sched(decay="exponential", decay_rate=0.5), [1.0, 0.1], 2, 2, 10)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05])
     for _ in range(3):  # next is step 4: one step after warmup ended -> half an epoch of decay
-        s.step()
+        s.apply(s.next_step + 1)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5**0.5, 0.1 * 0.5**0.5])
 
 
@@ -103,7 +103,7 @@ def _run_plateau_against_torch(values, plateau_kw):
         cooldown=plateau_kw["cooldown"], threshold=plateau_kw["threshold"], min_lr=plateau_kw["min_lr"])
     ours = LRScheduler(None, sched(plateau={"enabled": True, "metric": "val/loss", **plateau_kw}), [1.0], 0, 1, 1000)
     for epoch, v in enumerate(values, start=1):
-        ours.step()
+        ours.apply(ours.next_step + 1)
         ref.step(v)
         ours.end_epoch(epoch, {"val/loss": v})
         assert ours.get_last_lr()[0] == pytest.approx(ref_opt.param_groups[0]["lr"]), f"epoch {epoch}"
@@ -131,15 +131,15 @@ def test_plateau_ignores_epochs_inside_warmup_and_multiplies_decay():
                 plateau={"enabled": True, "patience": 0, "cooldown": 0, "factor": 0.5})
     s = LRScheduler(None, cfg, [1.0], warmup_steps=4, steps_per_epoch=2, total_steps=20)
     for epoch in (1, 2):  # two epochs inside warmup with a worsening metric: no reduction
-        s.step()
-        s.step()
+        s.apply(s.next_step + 1)
+        s.apply(s.next_step + 1)
         assert s.end_epoch(epoch, {"val/loss": float(epoch)}) is None
     assert s.plateau.factor == 1.0
-    s.step()
-    s.step()
+    s.apply(s.next_step + 1)
+    s.apply(s.next_step + 1)
     message = s.end_epoch(3, {"val/loss": 5.0})  # first bad epoch after warmup, patience 0 -> reduce
     assert message and "val/loss has not improved for 1 epochs" in message and "->" in message
-    k = s.num_steps + 1
+    k = s.next_step
     assert s.get_last_lr()[0] == pytest.approx(0.5 * 0.9 ** ((k - 1 - 4) / 2))
 
 
@@ -186,9 +186,9 @@ def test_state_dict_round_trip_mid_cooldown(values, cut, cooldown, patience):
     resumed = None
     for epoch, v in enumerate(values, start=1):
         for _ in range(2):
-            ref.step()
+            ref.apply(ref.next_step + 1)
             if resumed:
-                resumed.step()
+                resumed.apply(resumed.next_step + 1)
         ref.end_epoch(epoch, {"val/loss": v})
         if resumed:
             resumed.end_epoch(epoch, {"val/loss": v})
@@ -198,6 +198,7 @@ def test_state_dict_round_trip_mid_cooldown(values, cut, cooldown, patience):
             state = json.loads(json.dumps(ref.state_dict()))  # must survive serialisation
             resumed = LRScheduler(None, cfg, [1.0], 3, 2, 200)
             resumed.load_state_dict(state)
+            resumed.apply(ref.next_step)  # the trainer applies its own step after loading
             assert resumed.get_last_lr() == ref.get_last_lr()
 
 

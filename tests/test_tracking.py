@@ -228,6 +228,39 @@ def test_truncate_after_step_drops_redone_rows(tmp_path):
     assert [r["step"] for r in rows_of(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_background_flushes_keep_order_and_a_waiting_flush_writes_everything(tmp_path):
+    tracker = Tracker(str(tmp_path))
+    for step in range(1, 101):
+        tracker.log({"step": step, "train/loss": float("nan") if step == 50 else 1.0 / step})
+        if step % 7 == 0:
+            tracker.flush(wait=False)  # handed to the writer thread
+    tracker.flush()  # returns once every row handed over before is on disk: what a checkpoint needs
+    rows = rows_of(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 101))
+    assert rows[49]["train/loss"] is None and rows[98]["train/loss"] == 1.0 / 99
+    tracker.close()
+
+
+def test_a_writer_thread_error_is_raised_by_the_next_flush(tmp_path):
+    tracker = Tracker(str(tmp_path))
+    real = tracker._file
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    tracker._file = Full()
+    tracker.log({"step": 1})
+    tracker.flush(wait=False)
+    with pytest.raises(RuntimeError, match=r"writing .*metrics.jsonl failed: .*No space left on device"):
+        tracker.flush()
+    tracker._file = real
+    tracker.close()
+
+
 def test_summary_values_flatten_summary_json():
     summary = {"final_lr": 0.001, "wall_seconds": 12.5, "status": "completed",
                "final": {"val/accuracy": 0.9}, "best": {"val/accuracy": {"value": 0.92, "epoch": 7, "step": 70}},
