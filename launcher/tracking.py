@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from launcher.config import TrackingConfig, WandbConfig, flatten
@@ -55,6 +56,9 @@ class NullTracker:
         pass
 
     def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def log_later(self, make_rows: Callable[[], list[dict[str, Any]]]) -> None:
         pass
 
     def flush(self, wait: bool = True) -> None:
@@ -162,6 +166,10 @@ class Tracker(NullTracker):
     def log(self, row: dict[str, Any]) -> None:
         self._pending.append(row)
 
+    def log_later(self, make_rows: Callable[[], list[dict[str, Any]]]) -> None:
+        """Rows made by `make_rows()` where they are written (the writer thread), in order with `log`'s."""
+        self._pending.append(make_rows)
+
     def flush(self, wait: bool = True) -> None:
         """Write the rows logged so far; `wait=False`: in the writer thread, returning at once."""
         rows, self._pending = self._pending, []
@@ -184,6 +192,7 @@ class Tracker(NullTracker):
     def _write(self, rows: list[dict], share: bool = False) -> None:
         """`share` (the writer thread): let a waiting training thread take the GIL between rows, so the
         encoding fills its GIL-free time (kernels, backward) instead of holding it up for a whole flush."""
+        rows = [row for item in rows for row in (item() if callable(item) else (item,))]
         if rows:
             if share:
                 lines = []

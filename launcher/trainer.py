@@ -22,6 +22,8 @@ evaluation costs one all-reduce.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
@@ -119,7 +121,8 @@ class Trainer:
         self.state = TrainState()
         self.summary = RunSummary(cfg.tracking)
         self.progress = ProgressBar(cfg.train.progress_bar, self.is_main)
-        self.hooks = Hooks([self.progress, *load_hooks(cfg.train.hooks), *(hooks or [])])
+        self.hooks = Hooks([*([self.progress] if self.progress.enabled else []), *load_hooks(cfg.train.hooks),
+                            *(hooks or [])])
         self.preemption = Preemption(cfg.checkpoint.signal)
         self.preemption.install()
         self._ops = StepOps(acc, self.optimizer, self.model, cfg.train.grad_accum_steps, cfg.optim.clip_grad_norm)
@@ -150,6 +153,7 @@ class Trainer:
         self._input_dtype = engine_input_dtype(acc)
         self._single = acc.num_processes == 1
         self._guard_per_step = self.guard.per_step
+        self._flush_hooks = self.hooks.has("on_flush")
         self._loss_hooks = self.hooks.has("on_loss")
         self._after_step_hooks = self.hooks.has("after_step")
         self._log_every = cfg.train.log_every_n_steps
@@ -378,30 +382,25 @@ class Trainer:
             values = packed.tolist()  # the host read
             mean_losses, loss_bad, preempt, norms = values[:p], values[p:2 * p], values[2 * p] > 0, values[2 * p + 1:]
         first = s.step - p + 1
-        steps = range(first, s.step + 1)
-        events = self.guard.decide(steps, loss_bad, norms)
+        events = self.guard.decide(range(first, s.step + 1), loss_bad, norms)
         stop = events[-1] if events and events[-1].stop else None
-        rows = []
-        spe = self.plan.steps_per_epoch
-        for step, step_lrs, loss, norm in zip(steps, lrs, mean_losses, norms):
-            if stop is not None and step > stop.step:
-                break  # the weights froze at the stop (launcher.nonfinite): these steps did not happen
-            # Every pending step is in the current epoch (the epoch's end always flushes).
-            epoch = s.epoch + (s.step_in_epoch - (s.step - step)) / spe
-            row = {"step": step, "epoch": round(epoch, 6), "lr": step_lrs[0], "train/loss": loss,
-                   "train/grad_norm": norm}
-            if len(step_lrs) > 1:
-                row.update({f"lr/group{i}": lr for i, lr in enumerate(step_lrs)})
-            self.tracker.log(row)
-            rows.append(row)
+        kept = p if stop is None else stop.step - first + 1  # after a stop the weights froze: no more rows
+        # Every pending step is in the current epoch (an epoch's end always flushes).
+        make_rows = functools.partial(_step_rows, first, s.epoch, s.step_in_epoch - s.step, self.plan.steps_per_epoch,
+                                      lrs[:kept], mean_losses[:kept], norms[:kept])
         for event in events:
             self._report_nonfinite(event)
         if stop is not None:
             undone = s.step - stop.step
             s.step -= undone
             s.step_in_epoch -= undone
-        self.tracker.flush(wait=False)  # JSON and W&B in the writer thread
-        self.hooks.on_flush(self, rows)
+        if self._flush_hooks:
+            rows = make_rows()
+            self.tracker.log_later(lambda: rows)
+            self.hooks.on_flush(self, rows)
+        else:
+            self.tracker.log_later(make_rows)  # the rows are made, encoded and sent in the writer thread
+        self.tracker.flush(wait=False)
         return preempt, stop
 
     # ------------------------------------------------------------------------------------------
@@ -494,6 +493,19 @@ class Trainer:
             self.preemption.run_hooks(self.checkpoints.last_saved or "", self.run_dir)
         if self.state.status in ("preempted", "nonfinite"):
             self.preemption.ignore_further()
+
+def _step_rows(first: int, epoch: int, step_offset: int, steps_per_epoch: int, lrs: list[list[float]],
+               losses: list[float], norms: list[float]) -> list[dict[str, Any]]:
+    """The metrics rows of steps first, first + 1, ...: step k is step k + step_offset of epoch `epoch`."""
+    rows = []
+    for step, step_lrs, loss, norm in zip(itertools.count(first), lrs, losses, norms):
+        row = {"step": step, "epoch": round(epoch + (step + step_offset) / steps_per_epoch, 6), "lr": step_lrs[0],
+               "train/loss": loss, "train/grad_norm": norm}
+        if len(step_lrs) > 1:
+            row.update({f"lr/group{i}": lr for i, lr in enumerate(step_lrs)})
+        rows.append(row)
+    return rows
+
 
 def _scalar(value: Any, device: torch.device) -> torch.Tensor:
     """A step's loss or gradient norm as a 0-d float32 tensor (NaN where no norm was measured)."""
