@@ -249,7 +249,7 @@ def read_wandb_offline(files: list[Path]) -> Run:
 
 def read_wandb_online(spec: str) -> list[Run]:
     """`entity/project/run_id` or `entity/project/group:NAME` through the W&B public API."""
-    from launcher.tracking import have_wandb_credentials
+    from launcher.sinks import have_wandb_credentials
 
     if not have_wandb_credentials():
         raise UsageError(f"reading the W&B run {spec!r} needs an API key: set WANDB_API_KEY or run `wandb login` "

@@ -181,7 +181,7 @@ def _log_wandb(out: Path, cfg, result: dict[str, Any], plot_path: Path, group: s
     """With W&B on in the recipe: one more run in the sweep's group with the table, the plot and the best point."""
     if not cfg.tracking.wandb.enabled:
         return
-    from launcher.tracking import resolve_wandb_mode
+    from launcher.sinks import resolve_wandb_mode
 
     mode, _ = resolve_wandb_mode(cfg.tracking.wandb.mode)
     if mode == "disabled":

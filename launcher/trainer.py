@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -45,6 +43,7 @@ from launcher.distributed import (
     make_accelerator,
     shutdown,
 )
+from launcher.evaluation import evaluate
 from launcher.hooks import Hooks, load_hooks
 from launcher.nonfinite import Event, NonFiniteGuard
 from launcher.optim import build_optimizer
@@ -52,6 +51,7 @@ from launcher.plan import make_plan
 from launcher.preemption import Preemption
 from launcher.progress import ProgressBar
 from launcher.resharding import continue_plan, keep_global_batch, rebatch
+from launcher.rows import StepRows, metrics_rows, read_back
 from launcher.schedule import LRScheduler
 from launcher.step import StepOps
 from launcher.tasks import build_task
@@ -140,10 +140,7 @@ class Trainer:
         self.tracker = Tracker(run_dir, cfg.tracking, os.path.basename(run_dir), resume_run_id=resumed_run_id,
                                truncate_after_step=self.state.step if resume is not None else None) \
             if self.is_main else NullTracker()
-        # The rows of the steps since the last flush: losses and norms on the device, the LRs they used.
-        self._losses: list[torch.Tensor] = []
-        self._norms: list[Any] = []
-        self._lrs: list[list[float]] = []
+        self.rows = StepRows()  # the steps since the last flush
         self._micro_losses: list[torch.Tensor] = []
         # Steps counted ahead of the schedule's position: nonzero only after a change of global batch
         # (launcher.resharding), where the schedule continues at the data position of the new plan.
@@ -215,7 +212,7 @@ class Trainer:
         for batch in self.train_loader:
             if self.train_step(batch) and self.after_step():
                 break
-        if (s.status == "running" or self._losses) and self._sync():  # the epoch's last rows
+        if (s.status == "running" or self.rows.losses) and self._sync():  # the epoch's last rows
             return
         if s.status != "running":  # a stop or a preemption ends here
             return
@@ -251,9 +248,10 @@ class Trainer:
         s, scheduler = self.state, self.scheduler
         s.step += 1
         s.step_in_epoch += 1
-        self._losses.append(torch.stack(losses).mean() if len(losses) > 1 else losses[0])
-        self._norms.append(grad_norm)
-        self._lrs.append(scheduler.lrs)  # what this step used
+        rows = self.rows
+        rows.losses.append(torch.stack(losses).mean() if len(losses) > 1 else losses[0])
+        rows.norms.append(grad_norm)
+        rows.lrs.append(scheduler.lrs)  # what this step used
         scheduler.apply(s.step + 1 - self._schedule_offset)
         return True
 
@@ -349,45 +347,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _flush(self) -> tuple[bool, Event | None]:
-        """One all-reduce and one host read for every step since the last flush, plus the preemption flag.
+        """Read back every step since the last flush (launcher.rows), decide on non-finite steps, log the rows.
 
         Returns (preempt agreed, the non-finite stop event if the policy stops in these steps).
         """
         s, n = self.state, self.accelerator.num_processes
-        losses, norms, lrs = self._losses, self._norms, self._lrs
-        self._losses, self._norms, self._lrs = [], [], []
+        losses, norms, lrs = self.rows.take()
         p = len(losses)
         if not p and n == 1:
             self.tracker.flush(wait=False)
             return False, None
-        device = self.accelerator.device
         self.guard.saw_norms(norms)
-        losses = [_scalar(v, device) for v in losses]
-        norms = [_scalar(v, device) for v in norms]
-        if n == 1:  # nothing to agree on: one stack, one read
-            values = torch.stack(losses + norms).tolist()
-            mean_losses, norms = values[:p], values[p:]
-            loss_bad, preempt = [0.0 if math.isfinite(v) else 1.0 for v in mean_losses], False
-        else:
-            requested = torch.full((1,), float(self.preemption.requested), device=device)
-            if p:
-                stacked = torch.stack(losses)
-                packed = torch.cat([stacked, torch.isfinite(stacked).logical_not_().float(), requested])
-            else:
-                packed = requested
-            torch.distributed.all_reduce(packed)
-            packed[:p] /= n  # the mean loss over ranks, in float32 as each rank computed it
-            if p:
-                packed = torch.cat([packed, torch.stack(norms)])
-            values = packed.tolist()  # the host read
-            mean_losses, loss_bad, preempt, norms = values[:p], values[p:2 * p], values[2 * p] > 0, values[2 * p + 1:]
+        got = read_back(losses, norms, n, self.accelerator.device, self.preemption.requested)
         first = s.step - p + 1
-        events = self.guard.decide(range(first, s.step + 1), loss_bad, norms)
+        events = self.guard.decide(range(first, s.step + 1), got.loss_bad_ranks, got.norms)
         stop = events[-1] if events and events[-1].stop else None
         kept = p if stop is None else stop.step - first + 1  # after a stop the weights froze: no more rows
         # Every pending step is in the current epoch (an epoch's end always flushes).
-        make_rows = functools.partial(_step_rows, first, s.epoch, s.step_in_epoch - s.step, self.plan.steps_per_epoch,
-                                      lrs[:kept], mean_losses[:kept], norms[:kept])
+        make_rows = functools.partial(metrics_rows, first, s.epoch, s.step_in_epoch - s.step,
+                                      self.plan.steps_per_epoch, lrs[:kept], got.losses[:kept], got.norms[:kept])
         for event in events:
             self._report_nonfinite(event)
         if stop is not None:
@@ -401,7 +379,7 @@ class Trainer:
         else:
             self.tracker.log_later(make_rows)  # the rows are made, encoded and sent in the writer thread
         self.tracker.flush(wait=False)
-        return preempt, stop
+        return got.preempt, stop
 
     # ------------------------------------------------------------------------------------------
     def _eval_due(self) -> bool:
@@ -409,40 +387,12 @@ class Trainer:
         return e % self.cfg.train.eval_every_n_epochs == 0 or e >= self.plan.num_epochs \
             or self.state.step >= self.plan.total_steps
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Metrics averaged over the whole validation set, identical on every rank: one all-reduce.
-
-        Each rank sums the per-sample metrics of its real samples (launcher.data.EvalLoader), and one
-        all-reduce adds the sums, the preemption flags and the ranks' LRs (which must agree: a plateau
-        decision taken on per-rank metrics would make them differ).
-        """
-        self.model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        for batch, num_valid in self.val_loader:
-            inputs, targets = self._split(batch)
-            for name, values in self.task.metrics(self.model(inputs), targets).items():
-                total = (values if num_valid >= len(values) else values[:num_valid]).double().sum()
-                sums[name] = sums[name] + total if name in sums else total
-        n, device = self.accelerator.num_processes, self.accelerator.device
-        lr = self.scheduler.get_last_lr()[0]
-        packed = torch.stack([*(v.to(device) for v in sums.values()),
-                              torch.tensor(float(self.preemption.requested), dtype=torch.float64, device=device),
-                              torch.tensor(lr, dtype=torch.float64, device=device)])
-        if n > 1:
-            torch.distributed.all_reduce(packed)
-        values = packed.tolist()
-        self._eval_preempt = values[-2] > 0
-        if abs(values[-1] - n * lr) > 1e-9 * n * lr:
-            raise RuntimeError(f"ranks disagree on the LR at epoch {self.state.epoch}: {lr} here, "
-                               f"{values[-1] / n} on average")
-        count = self.val_loader.num_samples
-        means = {f"val/{k}": v / count for k, v in zip(sums, values)}
-        if self.task.finalize is not None:
-            means.update({f"val/{k}": v for k, v in self.task.finalize(
-                {k.removeprefix("val/"): v for k, v in means.items()}).items()})
-        self.model.train()
-        return means
+        """Validation metrics over the whole set, identical on every rank (launcher.evaluation): one all-reduce."""
+        metrics, self._eval_preempt = evaluate(self.model, self.val_loader, self._split, self.task, self.accelerator,
+                                               self.scheduler.get_last_lr()[0], self.preemption.requested,
+                                               self.state.epoch)
+        return metrics
 
     def end_epoch(self, metrics: dict[str, float], epoch_seconds: float) -> None:
         s = self.state
@@ -493,26 +443,6 @@ class Trainer:
             self.preemption.run_hooks(self.checkpoints.last_saved or "", self.run_dir)
         if self.state.status in ("preempted", "nonfinite"):
             self.preemption.ignore_further()
-
-def _step_rows(first: int, epoch: int, step_offset: int, steps_per_epoch: int, lrs: list[list[float]],
-               losses: list[float], norms: list[float]) -> list[dict[str, Any]]:
-    """The metrics rows of steps first, first + 1, ...: step k is step k + step_offset of epoch `epoch`."""
-    rows = []
-    for step, step_lrs, loss, norm in zip(itertools.count(first), lrs, losses, norms):
-        row = {"step": step, "epoch": round(epoch + (step + step_offset) / steps_per_epoch, 6), "lr": step_lrs[0],
-               "train/loss": loss, "train/grad_norm": norm}
-        if len(step_lrs) > 1:
-            row.update({f"lr/group{i}": lr for i, lr in enumerate(step_lrs)})
-        rows.append(row)
-    return rows
-
-
-def _scalar(value: Any, device: torch.device) -> torch.Tensor:
-    """A step's loss or gradient norm as a 0-d float32 tensor (NaN where no norm was measured)."""
-    if isinstance(value, torch.Tensor):
-        return value if value.dtype == torch.float32 and value.ndim == 0 else value.float().reshape(())
-    return torch.full((), math.nan if value is None else float(value), device=device)
-
 
 def _num_machines() -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,7 +13,8 @@ import pytest
 
 from launcher.compare import load_runs, read_wandb_offline, read_wandb_records
 from launcher.config import TrackingConfig, WandbConfig
-from launcher.tracking import Tracker, resolve_wandb_mode, summary_values
+from launcher.sinks import resolve_wandb_mode
+from launcher.tracking import Tracker, summary_values
 
 from helpers import ROOT
 
