@@ -43,7 +43,7 @@ from launcher.resharding import (
     check_world_size,
     distributed_type,
     global_batch,
-    load_replicated,
+    load_other_world_size,
     rng_file,
 )
 
@@ -454,8 +454,8 @@ class Checkpointer:
         same = meta["world_size"] == acc.num_processes
         if same:
             acc.load_state(path)
-        else:  # replicated state (check_compatible refuses other sharded state on another world size)
-            load_replicated(acc, self.model, self.optimizer, path)
+        else:  # replicated or DeepSpeed ZeRO-1/2 state (check_compatible refuses other sharded state)
+            load_other_world_size(acc, self.model, self.optimizer, path)
         set_rng_state(torch.load(rng_file(path, acc.process_index, same), weights_only=True))
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)

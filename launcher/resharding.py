@@ -12,11 +12,14 @@ What is loaded, by how the state was saved:
 - replicated (one process, DDP): `model.safetensors` and `optimizer.bin` hold the whole model and
   optimizer whatever the world size; they are loaded into the unwrapped model (DDP's `module.`
   prefix removed or not there) and the optimizer, on every rank.
-- DeepSpeed ZeRO and FSDP: every rank's shard is laid out for the process count that wrote it, and
-  they resume on that count (the refusal says so). DeepSpeed 0.19 itself refuses to load ZeRO
-  optimizer partitions on another data-parallel size ("Automatic adjustment of ZeRO's optimizer
-  state partitioning with a new world size is not currently supported") unless the checkpoint is
-  first converted to its universal format.
+- DeepSpeed ZeRO-1/2: every rank's optimizer partition is laid out for the process count that wrote
+  it, and DeepSpeed 0.19 refuses to load the partitions on another data-parallel size ("Automatic
+  adjustment of ZeRO's optimizer state partitioning with a new world size is not currently
+  supported"). On another count the checkpoint is converted to DeepSpeed's universal format
+  (`deepspeed.checkpoint.ds_to_universal`, into `checkpoints/.universal-step_N/`, removed after
+  loading; the original is only read) and loaded with the engine's `load_universal_checkpoint`.
+- ZeRO-3 and FSDP: parameters are sharded too; they resume on the process count that wrote them
+  (the refusal says so).
 
 RNG states: with the same world size each rank gets its own back; on another world size every rank
 gets rank 0's, as every rank starts a fresh run from the same seed.
@@ -75,7 +78,8 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     # (checkpoints that predate the field: only a one-process one is known to be replicated)
     old_kind = meta.get("distributed_type") or ("NO" if old_n == 1 else "UNRECORDED")
     new_kind = distributed_type(accelerator)
-    if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED):
+    universal = old_kind == new_kind == "DEEPSPEED" and deepspeed_zero_stage(accelerator) in UNIVERSAL_ZERO_STAGES
+    if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED) and not universal:
         raise UsageError(
             f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es) and cannot be "
             f"resharded to this run's {new_n} ({new_kind}); resume it with {old_n} process(es)")
@@ -93,6 +97,76 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     if old_n == new_n:
         return None
     return f"{old_n} -> {new_n} process(es), global batch {new_gb} kept"
+
+
+UNIVERSAL_ZERO_STAGES = (1, 2)
+"""ZeRO stages whose checkpoints resume on another process count through DeepSpeed's universal format."""
+UNIVERSAL_PREFIX = ".universal-"
+"""`checkpoints/.universal-step_N/`: the converted copy, removed once loaded (the original is only read)."""
+
+
+def deepspeed_zero_stage(accelerator) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def load_other_world_size(accelerator, model: torch.nn.Module, optimizer, path: str) -> None:
+    """Load state written by another number of processes: whole-model files (one process, DDP) or, under
+    DeepSpeed ZeRO-1/2, the checkpoint converted to DeepSpeed's universal format."""
+    if distributed_type(accelerator) == "DEEPSPEED":
+        load_deepspeed_universal(accelerator, model, path)
+    else:
+        load_replicated(accelerator, model, optimizer, path)
+
+
+def load_deepspeed_universal(accelerator, engine, path: str) -> None:
+    """DeepSpeed's own way to change the data-parallel degree of a ZeRO-1/2 checkpoint.
+
+    The main process converts `<path>/pytorch_model` (the engine's shards, as `accelerator.save_state`
+    writes them) with `deepspeed.checkpoint.ds_to_universal` into `checkpoints/.universal-<step>/`
+    next to it; every rank then loads that with the engine's `load_universal_checkpoint` switched on,
+    and the main process removes the copy. The original checkpoint is only read. The launcher's own
+    state (state.json, RNG files) is loaded by the caller as for any checkpoint.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    name = os.path.basename(os.path.normpath(path))
+    work = os.path.join(os.path.dirname(os.path.normpath(path)), UNIVERSAL_PREFIX + name)
+    tag = "pytorch_model"  # accelerate's ckpt_id for the first model
+    failure = ""
+    if accelerator.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        # The launcher writes no universal_checkpoint_info of its own (Megatron does):
+        # --inject_missing_state adds the default one to the converted copy.
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                               "--input_folder", os.path.join(path, tag), "--output_folder", os.path.join(work, tag),
+                               "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            failure = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-1:]) or f"exit {proc.returncode}"
+    from accelerate.utils import broadcast_object_list
+
+    failure = broadcast_object_list([failure])[0] if accelerator.num_processes > 1 else failure
+    if failure:
+        if accelerator.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        raise UsageError(f"--resume: converting the DeepSpeed checkpoint {name} to the universal format for "
+                         f"{accelerator.num_processes} process(es) failed ({failure}); resume it with the "
+                         f"process count that wrote it")
+    config = engine._config
+    config.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(work, tag=tag)
+    finally:
+        config.load_universal_checkpoint = False
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+    if load_path is None:
+        raise UsageError(f"--resume: DeepSpeed found no universal checkpoint in {work}")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

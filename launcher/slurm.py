@@ -306,20 +306,28 @@ def _sbatch_value(path: Path) -> str:
 
 
 def accelerate_args(spec: JobSpec) -> list[str]:
-    """`accelerate launch` options common to all nodes (multi-node adds ip/port/rank in the script)."""
-    total = spec.nodes * spec.processes_per_node
-    args: list[str] = []
+    """`accelerate launch` options fixed at render time. The counts (machines, processes, rank, main
+    address, --multi_gpu) are computed in the job from its allocation: slurm/launch_counts.sh."""
     if spec.accelerate_config is not None:
         # The config decides the distributed type (DDP, FSDP, DeepSpeed); passing --multi_gpu would override it.
-        args += ["--config_file", str(spec.accelerate_config)]
-    else:
-        if total > 1:
-            args.append("--multi_gpu")
-        args += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    args += ["--num_machines", str(spec.nodes), "--num_processes", str(total)]
-    if spec.nodes == 1:
-        args += ["--main_process_port", "0"]  # any free port: jobs sharing a node do not collide
-    return args
+        return ["--config_file", str(spec.accelerate_config)]
+    return ["--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch_counts(spec: JobSpec) -> str:
+    """slurm/launch_counts.sh filled in: the bash block that sets NODES, PROCS_PER_NODE, TOTAL_PROCESSES,
+    CPUS_PER_TASK and ACCELERATE_ARGS from the allocation the job got."""
+    device = f"{spec.gpus_per_node} GPU(s)" if spec.gpus_per_node else f"{spec.processes_per_node} CPU process(es)"
+    values = {
+        "requested": f"{spec.nodes} node(s) x {device}, {spec.cpus_per_task} CPU(s) per task",
+        "gpus_per_node": str(spec.gpus_per_node),
+        "processes_per_node": str(spec.processes_per_node),
+        "cpus_per_task": str(spec.cpus_per_task),
+        "accelerate_args": " ".join(_q(a) for a in accelerate_args(spec)),
+        "multi_gpu": "no" if spec.accelerate_config is not None else "yes",
+    }
+    text = (TEMPLATE_DIR / "launch_counts.sh").read_text().rstrip("\n")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
 
 
 def common_values(spec: JobSpec, log_pattern) -> dict[str, str]:
@@ -341,6 +349,7 @@ def common_values(spec: JobSpec, log_pattern) -> dict[str, str]:
         "python": _q(spec.python),
         "pythonpath": _q(REPO_ROOT),
         "cpu_env_line": "export ACCELERATE_USE_CPU=true" if spec.gpus_per_node == 0 else "",
+        "launch_counts": launch_counts(spec),
     }
 
 

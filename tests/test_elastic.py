@@ -114,32 +114,73 @@ def test_new_global_batch_is_refused_then_continued_with_the_flag(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_resumes_on_its_own_process_count_and_refuses_another(tmp_path):
-    """ZeRO-2 optimizer state is partitioned per process: 2 -> 1 is refused (the error line, training
-    processes exit 2, nothing written); 2 -> 2 continues bit for bit."""
+def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_format(tmp_path):
+    """ZeRO-2 optimizer state is partitioned per process. 2 -> 1: the checkpoint is converted to
+    DeepSpeed's universal format (a copy, removed after loading; the original is only read) and the
+    run continues with the LR column of the uninterrupted run and losses within float rounding;
+    2 -> 2 continues bit for bit. Another global batch is still refused, nothing written."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
+    import shutil
+
     from helpers import ACCELERATE, run
 
-    args = [*BASE, "--train.num_epochs=2", "--train.batch_size=8", "--train.grad_accum_steps=2"]
+    args = [*BASE, "--train.num_epochs=2", "--train.grad_accum_steps=2"]
 
     def launch(*extra: str, num_processes: int = 2, **env: str):
+        batch = f"--train.batch_size={16 // num_processes}"  # global batch 16 x 2 accumulation = 32
         return run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes",
-                    str(num_processes), "-m", "launcher.train", *args, *extra], timeout=900, **env)
+                    str(num_processes), "-m", "launcher.train", *args, batch, *extra], timeout=900, **env)
 
-    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref, run_dir, same = tmp_path / "ref", tmp_path / "run", tmp_path / "same"
     assert launch("--output_dir", str(ref)).returncode == 0
     assert launch("--output_dir", str(run_dir), LAUNCHER_TEST_KILL_AT_STEP="13").returncode != 0
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    refused = launch("--output_dir", str(run_dir), "--resume", "auto", num_processes=1)
+    shutil.copytree(run_dir, same)
+    checkpoint = run_dir / "checkpoints" / "step_00000010"
+    before = {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+
+    refused = launch("--output_dir", str(run_dir), "--resume", "auto", "--train.grad_accum_steps=1", num_processes=1)
     assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr
-    assert ("error: --resume: step_00000010 holds DEEPSPEED state sharded over 2 process(es) and cannot be "
-            "resharded to this run's 1 (DEEPSPEED); resume it with 2 process(es)") in refused.stderr
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    resumed = launch("--output_dir", str(run_dir), "--resume", "auto")
+    assert "step_00000010 was trained with a global batch of 32" in refused.stderr
+
+    # keep_last: the checkpoint stays, to be compared with what it was before the resume.
+    resumed = launch("--output_dir", str(run_dir), "--resume", "auto", "--checkpoint.keep_last=100", num_processes=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000010'}:" in resumed.stdout
+    assert (f"resumed from {checkpoint}: step 10, epoch 0 + 10 steps; 2 -> 1 process(es), global batch 32 kept"
+            in resumed.stdout), resumed.stdout
+    assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
+    assert not list((run_dir / "checkpoints").glob(".universal-*"))
     (steps, evals), (ref_steps, ref_evals) = rows(run_dir), rows(ref)
+    assert [(r["step"], r["lr"]) for r in steps] == [(r["step"], r["lr"]) for r in ref_steps]
+    assert [r["step"] for r in evals] == [r["step"] for r in ref_evals]
+    worst = max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(steps + evals, ref_steps + ref_evals)
+                for k in ("train/loss", "val/loss") if k in b)
+    assert worst < 1e-4
+    print(f"DeepSpeed ZeRO-2 2 -> 1: max relative loss difference {worst:.2e}")
+
+    resumed = launch("--output_dir", str(same), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (steps, evals) = rows(same)
     assert [(r["step"], r["lr"], r["train/loss"]) for r in steps] == \
         [(r["step"], r["lr"], r["train/loss"]) for r in ref_steps]
     assert [(r["step"], r["val/loss"]) for r in evals] == [(r["step"], r["val/loss"]) for r in ref_evals]
+
+
+@pytest.mark.parametrize(("kind", "stage", "refused"), [
+    ("DEEPSPEED", 2, False), ("DEEPSPEED", 1, False), ("DEEPSPEED", 3, True), ("FSDP", None, True)])
+def test_sharded_state_on_another_process_count_is_refused_unless_zero_1_or_2(kind, stage, refused):
+    """ZeRO-1/2 goes through DeepSpeed's universal format; ZeRO-3 and FSDP shard the parameters too."""
+    from types import SimpleNamespace
+
+    from launcher.errors import UsageError
+    from launcher.resharding import check_world_size
+
+    plugin = SimpleNamespace(zero_stage=stage) if stage else None
+    acc = SimpleNamespace(num_processes=1, distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+    compat = {"train.batch_size": 16, "train.grad_accum_steps": 2}
+    meta = {"world_size": 2, "distributed_type": kind, "compat": {**compat, "train.batch_size": 8}}
+    if refused:
+        with pytest.raises(UsageError, match=f"step_00000010 holds {kind} state sharded over 2 process"):
+            check_world_size("step_00000010", meta, compat, acc)
+    else:
+        assert check_world_size("step_00000010", meta, compat, acc) == "2 -> 1 process(es), global batch 32 kept"

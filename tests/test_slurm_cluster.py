@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -169,3 +170,50 @@ def test_requeues_stop_at_the_limit(slurm_env, tmp_path):
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text
     assert info["ExitCode"] == "124:0", text
     assert "already requeued 0 times (limit 0)" in text
+
+
+def test_requeued_job_with_more_cpus_resumes_on_more_processes(slurm_env, tmp_path):
+    """A CPU job of one training process is preempted at step 24 (checkpoint, exit 124; with
+    --max_requeues 0 it ends there). Requeued held, given 2 CPUs per task instead of 1 (as if it came
+    back on a bigger allocation) and released, the same script launches 2 processes, which resume from
+    the checkpoint with the global batch kept: the steps and the LR column equal an uninterrupted
+    one-process run's."""
+    from helpers import TINY, read_metrics, train
+
+    args = ["--recipe", str(REPO / "recipes" / "mnist1d_fast.yaml"), *TINY, "--train.num_epochs=4",
+            "--checkpoint.every_n_steps=5", "--train.batch_size=32"]
+    ref = tmp_path / "ref"
+    assert train(*args, "--output_dir", str(ref)).returncode == 0
+
+    run_dir = tmp_path / "run"
+    script_path = render(["--recipe", args[1], "--nodes", "1", "--gpus_per_node", "0", "--num_processes", "1",
+                          "--time", "00:05:00", "--max_requeues", "0", "--output_dir", str(run_dir), "--", *args[2:]])
+    env = slurm_env.env(LAUNCHER_HOOKS="faults:from_env", LAUNCHER_TEST_PAUSE_AT_STEP="23", WANDB_MODE="disabled",
+                        OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO / 'tests'}")
+    sbatch = subprocess.run(["sbatch", "--parsable", str(script_path)], env=env, capture_output=True, text=True,
+                            check=True)
+    job_id = sbatch.stdout.strip().split(";")[0]
+    log = run_dir / "slurm" / f"mnist1d_fast-{job_id}.out"
+    wait_for_files(".paused-rank0", run_dir, 1, timeout=120)
+    slurm_env.run("scancel", "--signal=USR1", job_id)
+    info = wait_for_end(slurm_env, job_id, log, timeout=90)
+    assert info["ExitCode"] == "124:0", log.read_text()
+
+    slurm_env.run("scontrol", "requeuehold", job_id)
+    # CPUsPerTask sets SLURM_CPUS_PER_TASK, which the script counts; NumCPUs makes the allocation that big.
+    slurm_env.run("scontrol", "update", f"JobId={job_id}", "NumCPUs=2", "CPUsPerTask=2")
+    slurm_env.run("scontrol", "release", job_id)
+    time.sleep(2)  # let slurmctld take the requeued job out of its finished state
+    info = wait_for_end(slurm_env, job_id, log, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert f"job {job_id} start 1 on" in text and "1 node x 1 process(es)" in text
+    assert f"job {job_id} start 2 on" in text and "1 node x 2 process(es)" in text
+    assert re.findall(r"training exited with status (\d+)", text) == ["124", "0"]
+    assert "resume: 2 process(es) instead of 1: train.batch_size 32 -> 16" in text
+    assert "step 24, epoch 1 + 8 steps; 1 -> 2 process(es), global batch 32 kept" in text
+    (steps, evals), (ref_steps, ref_evals) = read_metrics(run_dir), read_metrics(ref)
+    assert [(r["step"], r["lr"]) for r in steps] == [(r["step"], r["lr"]) for r in ref_steps]
+    assert [r["step"] for r in steps] == list(range(1, 65))
+    assert [r["step"] for r in evals] == [r["step"] for r in ref_evals]
+    assert json.loads((run_dir / "plan.json").read_text())["num_processes"] == 2

@@ -95,9 +95,14 @@ def test_single_node_cpu_script(tmp_path, capsys):
     assert "--requeue" in opts
     assert "--gres" not in opts and "--partition" not in opts and "--account" not in opts
     assert "export ACCELERATE_USE_CPU=true" in script
-    assert "--multi_gpu --mixed_precision no --dynamo_backend no --num_machines 1 --num_processes 2" in script
-    assert "--main_process_port 0" in script
-    assert '"$PYTHON" -m launcher.slurm launch "${ACCELERATE_ARGS[@]}" -m launcher.train "${TRAIN_ARGS[@]}"' in script
+    # The counts come from the allocation at run time (test_launch_counts_follow_the_allocation).
+    assert "REQUESTED_GPUS_PER_NODE=0 " in script and "REQUESTED_PROCESSES_PER_NODE=2\n" in script
+    assert "REQUESTED_CPUS_PER_TASK=2\n" in script and "ADD_MULTI_GPU=yes " in script
+    assert "  --mixed_precision no --dynamo_backend no\n" in script
+    assert '--num_machines "$NODES" --num_processes "$TOTAL_PROCESSES"' in script
+    assert "ACCELERATE_ARGS+=(--main_process_port 0)" in script
+    assert ("bash -c 'exec \"$PYTHON\" -m launcher.slurm launch --machine_rank \"$SLURM_NODEID\" \"$@\"' launcher-task "
+            '\\\n  "${ACCELERATE_ARGS[@]}" -m launcher.train "${TRAIN_ARGS[@]}"') in script
     assert f'--recipe {run_dir}/slurm/mnist1d.yaml --output_dir "$RUN_DIR" --resume auto' in script
     assert f"RUN_DIR={run_dir}\n" in script
     assert "MAX_REQUEUES=10\n" in script
@@ -113,10 +118,13 @@ def test_multi_node_gpu_script(tmp_path, capsys):
     assert_sbatch_options(script, {"--nodes": "4", "--gres": "gpu:8", "--cpus-per-task": "8", "--time": "1-02:00:00"})
     assert "ACCELERATE_USE_CPU" not in script
     assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in script
-    assert "--num_machines 4 --num_processes 32" in script
+    assert "REQUESTED_GPUS_PER_NODE=8 " in script
     assert '--main_process_ip "$HEAD_NODE" --main_process_port "$RDZV_PORT" --rdzv_backend c10d' in script
-    assert "--main_process_port 0" not in script
-    assert "srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=8" in script
+    assert 'srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK"' in script
+    assert "CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-$REQUESTED_CPUS_PER_TASK}" in script
+    # Nothing on a code line pins a count of the render.
+    code = [line for line in script.splitlines() if line and not line.lstrip().startswith("#")]
+    assert not [line for line in code if re.search(r"--(num_machines|num_processes|nodes|ntasks)[ =]\d", line)]
     # $SLURM_NODEID may only appear inside the single-quoted program that each srun task runs.
     srun_call = script[script.index("srun --nodes"):script.index("|| status=$?")].replace("\\\n", " ")
     words = shlex.split(srun_call)
@@ -143,9 +151,9 @@ def test_every_option(tmp_path, capsys):
     })
     assert "MAX_REQUEUES=4\n" in script
     # With a config file the config picks DDP/FSDP/DeepSpeed: no --multi_gpu that would override it.
-    assert f"--config_file {CPU_CONFIG} --num_machines 2 --num_processes 6" in script
-    assert "--multi_gpu" not in script
-    assert "--cpus-per-task=6" in script
+    assert f"  --config_file {CPU_CONFIG}\n" in script
+    assert "ADD_MULTI_GPU=no " in script
+    assert "REQUESTED_PROCESSES_PER_NODE=3\n" in script and "REQUESTED_CPUS_PER_TASK=6\n" in script
     bash_syntax_ok(script, tmp_path)
 
 
@@ -194,6 +202,7 @@ FAKE_SRUN = r"""#!/bin/bash
 nodes=1
 while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do
   case "$1" in --nodes=*) nodes=${1#--nodes=} ;; esac
+  echo "$1" >> "$FAKE_LOG/srun.options"
   shift
 done
 worst=0
@@ -224,8 +233,10 @@ sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 
 
 def run_rendered(script_path: Path, tmp_path: Path, *, exit_code: int = 0, restart_count: int | None = None,
-                 nodes: int = 1) -> tuple[subprocess.CompletedProcess, dict[int, list[str]], list[str]]:
-    """Execute the rendered script with bash; returns the result, each node's launcher argv, scontrol calls."""
+                 nodes: int = 1, slurm_env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.CompletedProcess, dict[int, list[str]], list[str]]:
+    """Execute the rendered script with bash; returns the result, each node's launcher argv, scontrol calls.
+    The allocation: `nodes` nodes (SLURM_JOB_NUM_NODES), plus `slurm_env` (SLURM_GPUS_ON_NODE, ...)."""
     bin_dir = tmp_path / "fakebin"
     log = tmp_path / "fakelog"
     bin_dir.mkdir(exist_ok=True)
@@ -236,10 +247,12 @@ def run_rendered(script_path: Path, tmp_path: Path, *, exit_code: int = 0, resta
                        ("fake-python", FAKE_PYTHON.format(python=sys.executable))):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_PYTHON": str(bin_dir / "fake-python"),
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CUDA_VISIBLE_DEVICES"}
+    env = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_PYTHON": str(bin_dir / "fake-python"),
            "FAKE_LOG": str(log), "FAKE_EXIT": str(exit_code), "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "node-[a-b]" if nodes > 1 else "node-a",
-           "SLURM_NODEID": "7"}  # the batch node's own value: no task may see it
+           "SLURM_NODEID": "7",  # the batch node's own value: no task may see it
+           "SLURM_JOB_NUM_NODES": str(nodes), **(slurm_env or {})}
     env.pop("SLURM_RESTART_COUNT", None)
     if restart_count is not None:
         env["SLURM_RESTART_COUNT"] = str(restart_count)
@@ -301,10 +314,99 @@ def test_single_node_script_runs(tmp_path, capsys):
     proc, tasks, calls = run_rendered(Path(out.strip()), tmp_path)
     assert proc.returncode == 0, proc.stderr
     argv = tasks[0]
-    assert argv[:3] == ["-m", "launcher.slurm", "launch"] and "--machine_rank" not in argv
+    assert argv[:3] == ["-m", "launcher.slurm", "launch"] and _value_after(argv, "--machine_rank") == "0"
     assert argv[-1] == "--optim.lr=0.01"
     assert calls == []
     assert "training exited with status 0" in proc.stdout
+
+
+def srun_options(tmp_path: Path) -> list[str]:
+    return (tmp_path / "fakelog" / "srun.options").read_text().split()
+
+
+def render_script(tmp_path: Path, capsys, *argv: str) -> Path:
+    name = f"run{len(list(tmp_path.glob('run*')))}"
+    status, out, err = run_cli(["render", "--recipe", RECIPE, "--time", "00:10:00", "--output_dir", name, *argv],
+                               capsys)
+    assert status == 0, err
+    return Path(out.strip())
+
+
+# (nodes, SLURM_* of the allocation) -> (processes per node, whether --multi_gpu is passed)
+GPU_ALLOCATIONS = [
+    (1, {"SLURM_GPUS_ON_NODE": "2"}, 2),
+    (2, {"SLURM_GPUS_ON_NODE": "4"}, 4),
+    (2, {"SLURM_GPUS_PER_NODE": "a100:4"}, 4),  # --gpus-per-node=a100:4
+    (1, {"SLURM_GPUS_PER_NODE": "3"}, 3),
+    (1, {"CUDA_VISIBLE_DEVICES": "0,1"}, 2),
+    (1, {"SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2"}, 1),  # Slurm's count first
+]
+
+
+@pytest.mark.parametrize("rendered_nodes", [1, 2], ids=["single_node.sbatch", "multi_node.sbatch"])
+@pytest.mark.parametrize(("nodes", "slurm_env", "per_node"), GPU_ALLOCATIONS)
+def test_launch_counts_follow_the_allocation(tmp_path, capsys, rendered_nodes, nodes, slurm_env, per_node):
+    """Rendered for 1 node x 2 GPUs or 2 nodes x 4 GPUs; run on whatever the allocation says (a requeued
+    job that `scontrol update` gave other nodes or GPUs, or a resubmission): accelerate gets those counts."""
+    script_path = render_script(tmp_path, capsys, "--nodes", str(rendered_nodes),
+                                "--gpus_per_node", str(2 if rendered_nodes == 1 else 4))
+    proc, tasks, calls = run_rendered(script_path, tmp_path, nodes=nodes, slurm_env=slurm_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(tasks) == list(range(nodes))
+    total = nodes * per_node
+    options = srun_options(tmp_path)
+    assert f"--nodes={nodes}" in options and f"--ntasks={nodes}" in options
+    for node, argv in tasks.items():
+        assert _value_after(argv, "--num_machines") == str(nodes)
+        assert _value_after(argv, "--num_processes") == str(total)
+        assert _value_after(argv, "--machine_rank") == str(node)
+        assert ("--multi_gpu" in argv) == (total > 1)
+        if nodes > 1:
+            assert _value_after(argv, "--main_process_ip") == "node-a"
+            assert _value_after(argv, "--main_process_port") == str(20000 + 4242 % 20000)
+            assert _value_after(argv, "--rdzv_backend") == "c10d"
+        else:
+            assert _value_after(argv, "--main_process_port") == "0" and "--main_process_ip" not in argv
+    assert calls == (["show hostnames node-[a-b]"] if nodes > 1 else [])
+    where = f"{nodes} node(s) x {per_node}" if nodes > 1 else f"1 node x {per_node}"
+    assert f"{where} process(es)" in proc.stdout
+
+
+def test_a_gpu_job_without_a_gpu_count_uses_the_rendered_one(tmp_path, capsys):
+    proc, tasks, _ = run_rendered(render_script(tmp_path, capsys, "--nodes", "2", "--gpus_per_node", "4"),
+                                  tmp_path, nodes=2)
+    assert proc.returncode == 0, proc.stderr
+    assert _value_after(tasks[0], "--num_processes") == "8"
+    assert "using the rendered 4 per node" in proc.stdout
+
+
+@pytest.mark.parametrize(("argv", "cpus", "nodes", "per_node"), [
+    (["--num_processes", "2"], None, 1, 2),  # no SLURM_CPUS_PER_TASK: the rendered count
+    (["--num_processes", "2"], "2", 1, 2),  # the CPUs it was rendered for
+    (["--num_processes", "1"], "2", 1, 2),  # `scontrol update JobId=.. CPUsPerTask=2` before a requeue
+    (["--num_processes", "2"], "1", 1, 1),
+    (["--num_processes", "3", "--cpus_per_task", "6"], "6", 2, 3),
+    (["--num_processes", "3", "--cpus_per_task", "6"], "4", 1, 2),
+])
+def test_cpu_launch_counts_follow_the_cpus_per_task(tmp_path, capsys, argv, cpus, nodes, per_node):
+    script_path = render_script(tmp_path, capsys, "--nodes", "1", "--gpus_per_node", "0", *argv)
+    proc, tasks, _ = run_rendered(script_path, tmp_path, nodes=nodes,
+                                  slurm_env={"SLURM_CPUS_PER_TASK": cpus} if cpus else {})
+    assert proc.returncode == 0, proc.stderr
+    argv0 = tasks[0]
+    assert _value_after(argv0, "--num_processes") == str(nodes * per_node)
+    assert ("--multi_gpu" in argv0) == (nodes * per_node > 1)
+    assert f"--cpus-per-task={cpus or 2}" in srun_options(tmp_path)  # rendered: 2 processes x (1 + 0 workers)
+
+
+def test_launch_counts_with_an_accelerate_config_add_no_multi_gpu(tmp_path, capsys):
+    script_path = render_script(tmp_path, capsys, "--nodes", "1", "--gpus_per_node", "0", "--num_processes", "2",
+                                "--accelerate_config", CPU_CONFIG)
+    proc, tasks, _ = run_rendered(script_path, tmp_path, nodes=2, slurm_env={"SLURM_CPUS_PER_TASK": "2"})
+    assert proc.returncode == 0, proc.stderr
+    for argv in tasks.values():
+        assert _value_after(argv, "--config_file") == CPU_CONFIG and "--multi_gpu" not in argv
+        assert _value_after(argv, "--num_processes") == "4" and _value_after(argv, "--num_machines") == "2"
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
