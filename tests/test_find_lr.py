@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from launcher.config import load_config
-from launcher.find_lr import Smoother, edge_skips, lr_at, suggest
+from launcher.lr_curve import Smoother, edge_skips, lr_at, suggest
 from launcher.recipe_edit import recipe_with
 
 from helpers import ROOT, TINY, assert_usage_error, run, train_ddp
