@@ -404,11 +404,14 @@ def _notes(results: list[dict], whole: dict | None = None) -> list[str]:
                      f"({whole['host_reads']} + {whole['collectives']} over {whole['steps']} steps; {calls}). "
                      f"Target: at most 0.3.")
     lines += [
-        "- What the launcher does per step beyond the plain loop: the metrics row kept on the device (`_record`), "
-        "the non-finite flag update on the device (`launcher.nonfinite`: 3 tiny tensor ops), the LR scheduler's "
-        "per-group computation, and the step-boundary checks (hooks, step checkpoints). Every "
-        "`train.log_every_n_steps` (25) steps: one all-reduce of losses, non-finite flags and the preemption flag, "
-        "one host read, 25 JSON lines.",
+        "- What the launcher does per step beyond the plain loop: the step's loss and gradient norm appended "
+        "to device lists (`launcher.rows`), the next step's LRs looked up in the scheduler's per-epoch table "
+        "(`LRScheduler.apply`), and the step-boundary checks (hooks, step checkpoints); with "
+        "`train.on_nonfinite=skip`, the non-finite flag update on the device (2 tiny tensor ops; off in this "
+        "comparison, whose recipe keeps the default `stop`). Every `train.log_every_n_steps` (25) steps: one "
+        "stack and one host read (2 processes: one all-reduce of losses, non-finite flags and the preemption "
+        "flag), the rows handed to the metrics writer thread, which makes and encodes the 25 JSON lines beside "
+        "training (the plain loop encodes its lines inline).",
         "- Taken out of the step (the launcher calls torch directly where Accelerate's wrappers add nothing: "
         "`launcher.step.StepOps`): `AcceleratedOptimizer.step` looked the `lomo_optim` package up on disk twice "
         "per call, `zero_grad` called `inspect.signature`, `clip_grad_norm_` checked the torch version and walked "
