@@ -212,9 +212,10 @@ def keep_global_batch(cfg, checkpoint: str | None, accelerator):
 
     Applies when the run resumes on another process count with the checkpoint's own per-device batch
     and accumulation (a requeued job that landed on another allocation): per-device batch =
-    global batch / (processes x accumulation), if that divides. Anything else is left as it is for
-    `check_world_size` to accept or refuse: settings the user changed, a global batch that no
-    per-device batch gives here, DeepSpeed (its config was sized before this point).
+    global batch / (processes x accumulation), if that divides. Under DeepSpeed the engine's config
+    (sized from the recipe when the accelerator was made; the engine is built later, by `prepare`)
+    gets the same micro-batch. Anything else is left as it is for `check_world_size` to accept or
+    refuse: settings the user changed, a global batch that no per-device batch gives here.
     """
     import dataclasses
     import json
@@ -226,7 +227,7 @@ def keep_global_batch(cfg, checkpoint: str | None, accelerator):
     saved = meta.get("compat") or {}
     n, t = accelerator.num_processes, cfg.train
     target = global_batch(saved, int(meta["world_size"]))
-    if (target is None or target == t.batch_size * t.grad_accum_steps * n or distributed_type(accelerator) == "DEEPSPEED"
+    if (target is None or target == t.batch_size * t.grad_accum_steps * n
             or saved.get("train.batch_size") != t.batch_size
             or int(saved.get("train.grad_accum_steps") or 1) != t.grad_accum_steps
             or target % (n * t.grad_accum_steps)):
@@ -235,6 +236,10 @@ def keep_global_batch(cfg, checkpoint: str | None, accelerator):
     if accelerator.is_main_process:
         print(f"resume: {n} process(es) instead of {meta['world_size']}: train.batch_size {t.batch_size} -> {batch} "
               f"per device keeps the checkpoint's global batch of {target}", flush=True)
+    if distributed_type(accelerator) == "DEEPSPEED":
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = batch
+        ds["train_batch_size"] = target
     return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=batch))
 
 

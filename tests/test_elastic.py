@@ -118,7 +118,9 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
     """ZeRO-2 optimizer state is partitioned per process. 2 -> 1: the checkpoint is converted to
     DeepSpeed's universal format (a copy, removed after loading; the original is only read) and the
     run continues with the LR column of the uninterrupted run and losses within float rounding;
-    2 -> 2 continues bit for bit. Another global batch is still refused, nothing written."""
+    2 -> 2 continues bit for bit. The 1-process resume is launched as the job was (batch 8 per device),
+    as a requeue that lands on another allocation is: the engine gets the micro-batch that keeps the
+    global batch. Another global batch is still refused, nothing written."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
     import shutil
@@ -127,8 +129,8 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
 
     args = [*BASE, "--train.num_epochs=2", "--train.grad_accum_steps=2"]
 
-    def launch(*extra: str, num_processes: int = 2, **env: str):
-        batch = f"--train.batch_size={16 // num_processes}"  # global batch 16 x 2 accumulation = 32
+    def launch(*extra: str, num_processes: int = 2, per_device: int | None = None, **env: str):
+        batch = f"--train.batch_size={per_device or 16 // num_processes}"  # global batch 16 x 2 accumulation = 32
         return run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes",
                     str(num_processes), "-m", "launcher.train", *args, batch, *extra], timeout=900, **env)
 
@@ -144,8 +146,10 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
     assert "step_00000010 was trained with a global batch of 32" in refused.stderr
 
     # keep_last: the checkpoint stays, to be compared with what it was before the resume.
-    resumed = launch("--output_dir", str(run_dir), "--resume", "auto", "--checkpoint.keep_last=100", num_processes=1)
+    resumed = launch("--output_dir", str(run_dir), "--resume", "auto", "--checkpoint.keep_last=100", num_processes=1,
+                     per_device=8)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train.batch_size 8 -> 16 per device keeps the checkpoint's global batch of 32" in resumed.stdout
     assert (f"resumed from {checkpoint}: step 10, epoch 0 + 10 steps; 2 -> 1 process(es), global batch 32 kept"
             in resumed.stdout), resumed.stdout
     assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
