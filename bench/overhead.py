@@ -31,10 +31,9 @@ and the final evaluation outside; rank 0's clock; OMP_NUM_THREADS=1 so 2 process
             The per-step minimum over repetitions (step i does the same work in every repetition)
             gives a second, load-stripped estimate. Only trustworthy on a quiet machine.
 
-On one process the two sides compute the same numbers: the per-step losses are compared and the
-largest difference is reported (0: identical training). gpt's windows come from its own
-counter-based generator (launcher.data.SampleRandom) on both sides, so one process is identical too;
-at 2 processes the two sides' gpt losses differ (by up to 0.12 here; the cause is not established).
+The two sides compute the same numbers, on 1 and on 2 processes: the per-step losses are compared
+and the largest difference is reported (0: identical training). gpt's windows come from its own
+counter-based generator (launcher.data.SampleRandom, keyed by seed, epoch and sample) on both sides.
 
 Syncs: one more launcher run per case (not timed) counts the host reads (`Tensor.item`, `tolist`,
 `__bool__`, `__float__`, `__int__` called from Python) and Python-level `torch.distributed` calls per
@@ -120,11 +119,16 @@ class PlainLoop:
         return scheduled_lr(k, p.base_lr, self.cfg.schedule, p.warmup_steps, p.steps_per_epoch, p.total_steps)
 
     def next_batch(self):
+        from launcher.data import sample_random_of
+
         epoch, i = divmod(self.k, self.plan.steps_per_epoch)
         if i == 0:
             g = self.torch.Generator()
             g.manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
             self.order = self.torch.randperm(len(self.task.train_set), generator=g)
+            rng = sample_random_of(self.task.train_set)
+            if rng is not None:  # gpt's windows: a function of (seed, epoch, sample), as the launcher's sampler sets
+                rng.set_epoch(self.cfg.train.seed, epoch)
         first = i * self.plan.global_batch + self.rank * self.plan.per_device_batch
         return self.task.split(self.task.train_set.__getitems__(self.order[first:first + self.plan.per_device_batch]))
 
