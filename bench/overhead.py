@@ -23,8 +23,11 @@ optimizer steps.
 Modes (both: time from the start of the first optimizer step to the end of the last one, start-up
 and the final evaluation outside; rank 0's clock; OMP_NUM_THREADS=1 so 2 processes fit 2 cores):
 
-  interleaved (default)  one run per repetition holds both: before each launcher step, the plain
-            loop does its own step (timed apart). Load from other processes on a shared machine
+  interleaved (default)  one run per repetition holds both: the plain loop does its own step
+            (timed apart) before each even launcher step and right after each odd one (so the cost
+            of going second, with caches the other side just used, falls on both alike), once the launcher's metrics writer thread has
+            finished what it was handed (that wait is launcher time: a conservative charge, as the
+            thread would overlap the launcher's next step). Load from other processes on a shared machine
             then falls on both sides alike, step by step; the ratio is that of the summed step times.
   separate  A and B in their own processes (plain: `torchrun` for 2), alternating ABAB.. then
             BABA..; each pair gives a ratio of wall times, and the table shows the median and range.
@@ -171,7 +174,7 @@ class PlainLoop:
 
 
 def run_launcher(recipe: str, num_epochs: int, run_dir: str, out: str, interleave: bool) -> None:
-    """The Trainer, timed per step; with `interleave`, a PlainLoop step (timed apart) before each of its steps."""
+    """The Trainer, timed per step; with `interleave`, a PlainLoop step (timed apart) next to each of its steps."""
     from launcher.config import load_config
     from launcher.distributed import make_accelerator
     from launcher.trainer import Trainer
@@ -185,17 +188,34 @@ def run_launcher(recipe: str, num_epochs: int, run_dir: str, out: str, interleav
     launcher_stamps: list[float] = []  # the start of every launcher step (accumulation is 1 here)
     launcher_seconds: list[float] = []
     plain_seconds: list[float] = []
+    inside = [0.0]  # plain time inside the current launcher interval (to take out of it)
     step = trainer.train_step
 
+    def plain_step() -> float:
+        start = time.perf_counter()
+        plain.step(*plain.next_batch())
+        plain_seconds.append(time.perf_counter() - start)
+        return plain_seconds[-1]
+
     def timed_step(batch):
+        # The plain step goes before the launcher's on even steps and right after it on odd ones, so
+        # whatever going second costs (caches the other side just used) falls on both sides alike.
+        if plain is not None:
+            # The metrics writer thread's work is the launcher's: let it finish (on the launcher's clock)
+            # before the plain step, which it would otherwise slow down instead.
+            trainer.tracker.flush()
         now = time.perf_counter()
         if launcher_stamps:  # the previous launcher step, its bookkeeping and the fetch of this batch
-            launcher_seconds.append(now - launcher_stamps[-1])
-        if plain is not None:
-            plain.step(*plain.next_batch())
-            plain_seconds.append(time.perf_counter() - now)
+            launcher_seconds.append(now - launcher_stamps[-1] - inside[0])
+        inside[0] = 0.0
+        second = plain is not None and len(launcher_stamps) % 2 == 1
+        if plain is not None and not second:
+            plain_step()
         launcher_stamps.append(time.perf_counter())
-        return step(batch)
+        result = step(batch)
+        if second:
+            inside[0] = plain_step()
+        return result
 
     trainer.train_step = timed_step
     original_flush = trainer._flush
@@ -213,7 +233,7 @@ def run_launcher(recipe: str, num_epochs: int, run_dir: str, out: str, interleav
         plain_losses = plain.close() if plain is not None else []
     finally:
         trainer.close()
-    launcher_seconds.append(end[0] - launcher_stamps[-1])
+    launcher_seconds.append(end[0] - launcher_stamps[-1] - inside[0])
     if accelerator.is_main_process:
         rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -378,7 +398,9 @@ def table(results: list[dict]) -> str:
 
 def markdown(results: list[dict], command: str, whole: dict | None = None) -> str:
     mode = results[0]["mode"] if results else "interleaved"
-    how = ("launcher and plain steps alternate inside one run (a plain step before every launcher step, timed apart)"
+    how = ("launcher and plain steps alternate inside one run (a plain step before every even launcher step and "
+           "after every odd one, timed apart; the launcher's metrics writer thread finishes before each plain step, "
+           "on the launcher's clock)"
            if mode == "interleaved" else "launcher and plain in separate processes, alternating")
     return "\n".join([
         "## Overhead against a plain PyTorch loop",

@@ -82,6 +82,30 @@ def metrics_rows(first: int, epoch: int, step_offset: int, steps_per_epoch: int,
     return rows
 
 
+def metrics_lines(first: int, epoch: int, step_offset: int, steps_per_epoch: int, lrs: list[list[float]],
+                  losses: list[float], norms: list[float]) -> str:
+    """`metrics_rows(...)` as metrics.jsonl lines, character for character what json.dumps writes for
+    them (launcher.tracking), at a fraction of the cost: one format per row, no dict."""
+    out = []
+    for step, step_lrs, loss, norm in zip(itertools.count(first), lrs, losses, norms):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            out.append(_json_line(metrics_rows(step, epoch, step_offset, steps_per_epoch, [step_lrs], [loss], [norm])[0]))
+            continue
+        lr = repr(step_lrs[0])
+        line = (f'{{"step": {step}, "epoch": {round(epoch + (step + step_offset) / steps_per_epoch, 6)!r}, '
+                f'"lr": {lr}, "train/loss": {loss!r}, "train/grad_norm": {norm!r}')
+        if len(step_lrs) > 1:  # param groups usually share the LR: one repr
+            line += "".join(f', "lr/group{i}": {lr if g == step_lrs[0] else repr(g)}' for i, g in enumerate(step_lrs))
+        out.append(line + "}\n")
+    return "".join(out)
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    from launcher.tracking import _line
+
+    return _line(row)
+
+
 def _scalar(value: Any, device: torch.device) -> torch.Tensor:
     """A step's loss or gradient norm as a 0-d float32 tensor (NaN where no norm was measured)."""
     if isinstance(value, torch.Tensor):

@@ -16,7 +16,6 @@ import math
 import os
 import queue
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +53,7 @@ class NullTracker:
     def log(self, row: dict[str, Any]) -> None:
         pass
 
-    def log_later(self, make_rows: Callable[[], list[dict[str, Any]]]) -> None:
+    def log_formatted(self, text: str, make_rows: Callable[[], list[dict[str, Any]]]) -> None:
         pass
 
     def flush(self, wait: bool = True) -> None:
@@ -101,6 +100,8 @@ class Tracker(NullTracker):
         self._queue: queue.SimpleQueue | None = None
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._sent = 0  # batches handed to the writer thread (counted by the training thread)
+        self._written = 0  # batches it has written (counted by the writer thread)
         self._sinks: list[_Sink] = []
         self.run_id = None
         if cfg.wandb.enabled:
@@ -162,9 +163,11 @@ class Tracker(NullTracker):
     def log(self, row: dict[str, Any]) -> None:
         self._pending.append(row)
 
-    def log_later(self, make_rows: Callable[[], list[dict[str, Any]]]) -> None:
-        """Rows made by `make_rows()` where they are written (the writer thread), in order with `log`'s."""
-        self._pending.append(make_rows)
+    def log_formatted(self, text: str, make_rows: Callable[[], list[dict[str, Any]]]) -> None:
+        """Rows already formatted as metrics.jsonl lines (`text`, what `log` would write for them, e.g.
+        launcher.rows.metrics_lines); `make_rows()` makes them as dicts where W&B / TensorBoard need them
+        (in the writer thread, and only when one is on). In order with `log`'s rows."""
+        self._pending.append((text, make_rows))
 
     def flush(self, wait: bool = True) -> None:
         """Write the rows logged so far; `wait=False`: in the writer thread, returning at once."""
@@ -174,9 +177,11 @@ class Tracker(NullTracker):
                 self._queue = queue.SimpleQueue()
                 self._writer = threading.Thread(target=self._write_loop, name="metrics-writer", daemon=True)
                 self._writer.start()
+            self._sent += 1
             self._queue.put(rows)
         else:
-            if self._queue is not None:  # everything handed over before comes first
+            if self._written < self._sent:  # everything handed over before comes first
+                assert self._queue is not None
                 done = threading.Event()
                 self._queue.put(done)
                 done.wait()
@@ -185,21 +190,15 @@ class Tracker(NullTracker):
             error, self._error = self._error, None
             raise RuntimeError(f"writing {self.path} failed: {error}") from error
 
-    def _write(self, rows: list[dict], share: bool = False) -> None:
-        """`share` (the writer thread): let a waiting training thread take the GIL between rows, so the
-        encoding fills its GIL-free time (kernels, backward) instead of holding it up for a whole flush."""
-        rows = [row for item in rows for row in (item() if callable(item) else (item,))]
-        if rows:
-            if share:
-                lines = []
-                for row in rows:
-                    lines.append(_line(row))
-                    time.sleep(0)
-                self._file.write("".join(lines))
-            else:
-                self._file.write("".join(map(_line, rows)))
+    def _write(self, items: list) -> None:
+        text = "".join(item[0] if isinstance(item, tuple) else _line(item) for item in items)
+        if text:
+            self._file.write(text)
             self._file.flush()
-            self._each_sink("log", rows)
+        if self._sinks:
+            rows = [row for item in items for row in (item[1]() if isinstance(item, tuple) else (item,))]
+            if rows:
+                self._each_sink("log", rows)
         self._each_sink("flush")
 
     def _write_loop(self) -> None:
@@ -212,9 +211,10 @@ class Tracker(NullTracker):
                 item.set()
                 continue
             try:
-                self._write(item, share=True)
+                self._write(item)
             except BaseException as err:  # raised in the training thread by the next flush
                 self._error = err
+            self._written += 1
 
     def set_summary(self, summary: dict[str, Any]) -> None:
         """Put the run's summary.json values (best, final, epochs/steps/seconds to each target) into W&B."""

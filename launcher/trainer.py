@@ -51,7 +51,7 @@ from launcher.plan import make_plan
 from launcher.preemption import Preemption
 from launcher.progress import ProgressBar
 from launcher.resharding import continue_plan, keep_global_batch, rebatch
-from launcher.rows import StepRows, metrics_rows, read_back
+from launcher.rows import StepRows, metrics_lines, metrics_rows, read_back
 from launcher.schedule import LRScheduler
 from launcher.step import StepOps
 from launcher.tasks import build_task
@@ -364,20 +364,21 @@ class Trainer:
         stop = events[-1] if events and events[-1].stop else None
         kept = p if stop is None else stop.step - first + 1  # after a stop the weights froze: no more rows
         # Every pending step is in the current epoch (an epoch's end always flushes).
-        make_rows = functools.partial(metrics_rows, first, s.epoch, s.step_in_epoch - s.step,
-                                      self.plan.steps_per_epoch, lrs[:kept], got.losses[:kept], got.norms[:kept])
+        columns = (first, s.epoch, s.step_in_epoch - s.step, self.plan.steps_per_epoch, lrs[:kept], got.losses[:kept],
+                   got.norms[:kept])
         for event in events:
             self._report_nonfinite(event)
         if stop is not None:
             undone = s.step - stop.step
             s.step -= undone
             s.step_in_epoch -= undone
+        text = metrics_lines(*columns) if self.is_main else ""  # the JSON lines, without making the rows
         if self._flush_hooks:
-            rows = make_rows()
-            self.tracker.log_later(lambda: rows)
+            rows = metrics_rows(*columns)
+            self.tracker.log_formatted(text, lambda: rows)
             self.hooks.on_flush(self, rows)
-        else:
-            self.tracker.log_later(make_rows)  # the rows are made, encoded and sent in the writer thread
+        else:  # W&B / TensorBoard get the rows from the writer thread
+            self.tracker.log_formatted(text, functools.partial(metrics_rows, *columns))
         self.tracker.flush(wait=False)
         return got.preempt, stop
 
