@@ -57,6 +57,7 @@ from launcher.checkpoint_files import (
 )
 from launcher.config import CheckpointConfig, Config, training_keys
 from launcher.errors import UsageError
+from launcher.output import main_print
 from launcher.resharding import (
     check_world_size,
     distributed_type,
@@ -137,7 +138,7 @@ def resolve_resume(resume: str, checkpoints_dir: str, accelerator) -> str | None
     checkpoint at all; refused if there are checkpoints but none is intact. A path: a checkpoint
     folder, or a run / checkpoints folder (its newest intact checkpoint).
     """
-    from launcher.distributed import agree
+    from launcher.output import agree
 
     return agree(accelerator, lambda: _find(resume, checkpoints_dir))
 
@@ -205,8 +206,7 @@ class Checkpointer:
         return self.accelerator.is_main_process
 
     def _print(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+        main_print(self.accelerator, message, stderr=True)
 
     def due(self, step: int, step_in_epoch: int, steps_per_epoch: int, total_steps: int) -> bool:
         """A step checkpoint now? Not at an epoch's last step: the end-of-epoch one follows the evaluation."""

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from launcher.distributed import resolve_deepspeed_config
+from launcher.deepspeed_config import resolve_deepspeed_config
 from launcher.errors import UsageError
 
 from helpers import ACCELERATE, ROOT, read_metrics, run, train
@@ -85,7 +85,7 @@ def test_missing_zero_section_is_named():
 def test_accelerate_config_without_a_json_is_resolved_too(monkeypatch):
     """`accelerate config` can describe ZeRO with fields instead of a JSON file; those are honoured."""
     from launcher.config import TrainConfig
-    from launcher.distributed import make_deepspeed_plugin
+    from launcher.deepspeed_config import make_deepspeed_plugin
 
     for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
                        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "none",

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.distributed import requested_processes
+from launcher.launch_checks import requested_processes
 
 from helpers import ACCELERATE, ROOT, free_port, kill_group, read_metrics, run, start
 

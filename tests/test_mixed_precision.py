@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from launcher.distributed import resolve_mixed_precision
 from launcher.errors import UsageError
+from launcher.launch_checks import resolve_mixed_precision
 
 from helpers import ACCELERATE, read_metrics, run, train
 
