@@ -24,7 +24,18 @@ import yaml
 
 from launcher.launch_checks import requested_processes
 
-from helpers import ACCELERATE, ROOT, free_port, kill_group, read_metrics, run, start
+from helpers import (
+    ACCELERATE,
+    EXITS_ENV,
+    ROOT,
+    assert_usage_exits,
+    free_port,
+    kill_group,
+    read_metrics,
+    recording_exits,
+    run,
+    start,
+)
 
 CONFIGS = ROOT / "accelerate_configs"
 SMALL = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=320", "--task.options.num_test=100",
@@ -170,10 +181,11 @@ def test_accelerate_starting_one_process_for_two_is_stopped(how, tmp_path, multi
 def test_fsdp_config_on_cpu_is_refused_not_degraded(tmp_path):
     run_dir = tmp_path / "run"
     proc = run([*ACCELERATE, "--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "2",
-                 "--mixed_precision", "no", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
+                "--mixed_precision", "no", *recording_exits("launcher.train"), *SMALL, "--output_dir", str(run_dir)],
+               **{EXITS_ENV: str(tmp_path / "exits")})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: FSDP needs GPUs"), proc.stderr[-3000:]
-    assert "exitcode  : 2" in proc.stderr
+    assert_usage_exits(tmp_path / "exits")
     assert not run_dir.exists()
 
 

@@ -119,20 +119,22 @@ def test_deepspeed_zero2_resumes_on_its_own_process_count_and_refuses_another(tm
     processes exit 2, nothing written); 2 -> 2 continues bit for bit."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    from helpers import ACCELERATE, run
+    from helpers import ACCELERATE, EXITS_ENV, assert_usage_exits, recording_exits, run
 
     args = [*BASE, "--train.num_epochs=2", "--train.batch_size=8", "--train.grad_accum_steps=2"]
 
     def launch(*extra: str, num_processes: int = 2, **env: str):
         return run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes",
-                    str(num_processes), "-m", "launcher.train", *args, *extra], timeout=900, **env)
+                    str(num_processes), *recording_exits("launcher.train"), *args, *extra], timeout=900, **env)
 
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
     assert launch("--output_dir", str(ref)).returncode == 0
     assert launch("--output_dir", str(run_dir), LAUNCHER_TEST_KILL_AT_STEP="13").returncode != 0
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    refused = launch("--output_dir", str(run_dir), "--resume", "auto", num_processes=1)
-    assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr
+    refused = launch("--output_dir", str(run_dir), "--resume", "auto", num_processes=1,
+                     **{EXITS_ENV: str(tmp_path / "exits")})
+    assert refused.returncode != 0
+    assert_usage_exits(tmp_path / "exits")
     assert ("error: --resume: step_00000010 holds DEEPSPEED state sharded over 2 process(es) and cannot be "
             "resharded to this run's 1 (DEEPSPEED); resume it with 2 process(es)") in refused.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
