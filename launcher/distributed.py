@@ -17,7 +17,6 @@ Accelerator exists) or in launcher.deepspeed_config (DeepSpeed JSON):
 - FSDP on a machine without GPUs would silently become plain DDP: refused.
 """
 
-
 from __future__ import annotations
 
 import os

@@ -248,3 +248,39 @@ def test_multi_node_config_with_two_local_machines(tmp_path):
     assert "topology: MULTI_CPU, 2 process(es) on 2 machine(s)" in stdout
     assert stdout.count("completed:") == 1
     assert json.loads((run_dir / "plan.json").read_text())["num_machines"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher.output: who prints, who decides
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rank", "world", "waits"), [("0", "2", False), ("1", "2", True), ("1", None, False)])
+def test_only_the_other_ranks_of_a_group_wait_for_rank_0_to_report(rank, world, waits, monkeypatch):
+    from launcher import output
+
+    slept = []
+    monkeypatch.setattr(output.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", rank)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    output.let_main_rank_report_first(5)
+    assert slept == ([5] if waits else [])
+
+
+def test_agree_returns_the_main_process_decision_or_raises_its_problem():
+    from types import SimpleNamespace
+
+    from launcher.errors import UsageError
+    from launcher.output import agree
+
+    one = SimpleNamespace(is_main_process=True, num_processes=1)
+    assert agree(one, lambda: ("runs/a", None)) == "runs/a"
+    with pytest.raises(UsageError, match="^already exists$"):
+        agree(one, lambda: (None, "already exists"))
+    asked = []
+    other_rank = SimpleNamespace(is_main_process=False, num_processes=1)
+    assert agree(other_rank, lambda: asked.append(1) or ("x", None)) is None  # only the main process decides
+    assert asked == []
