@@ -59,6 +59,7 @@ from launcher.slurm_spec import (
     SLURM_TICK_S,
     JobSpec,
     _parse_value,
+    _safe_stem,
     _sbatch_path,
     make_spec,
     parse_overrides,
@@ -67,9 +68,9 @@ from launcher.slurm_spec import (
 )
 
 __all__ = ["EARLY_WARNING_SIGNALS", "PREEMPTED_EXIT", "PREEMPT_SIGNAL_ENV", "REPO_ROOT", "SLURM_TICK_S",
-           "TEMPLATE_DIR", "JobSpec", "_parse_value", "_q", "_sbatch_path", "_sbatch_value", "accelerate_args",
-           "cli", "common_values", "launch", "main", "make_spec", "parse_overrides", "parse_time", "render",
-           "split_flags", "submit", "write"]
+           "TEMPLATE_DIR", "JobSpec", "_parse_value", "_q", "_safe_stem", "_sbatch_path", "_sbatch_value",
+           "accelerate_args", "cli", "common_values", "launch", "main", "make_spec", "parse_overrides", "parse_time",
+           "render", "split_flags", "submit", "write"]
 
 
 # ---------------------------------------------------------------------------------------------
