@@ -44,11 +44,14 @@ class Checkpoint:
         return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def sha256_file(path: str, chunk_size: int = 1 << 22) -> str:
+def sha256_file(path: str, chunk_size: int = 1 << 22, fsync: bool = False) -> str:
+    """The file's SHA-256 (hex); with `fsync`, the file is also flushed to disk."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
@@ -160,14 +163,9 @@ def write_manifest(folder: str, step: int) -> None:
     for root, _, names in os.walk(folder):
         for file in names:
             path = os.path.join(root, file)
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-                os.fsync(f.fileno())
             rel = os.path.relpath(path, folder)
+            hashes[rel] = sha256_file(path, fsync=True)
             files[rel] = os.path.getsize(path)
-            hashes[rel] = digest.hexdigest()
     _write_json(os.path.join(folder, MARKER), {"format_version": FORMAT_VERSION, "step": step, "files": files,
                                                "sha256": hashes})
     _fsync_dir(folder)
