@@ -17,28 +17,47 @@ loaded: `--resume auto` falls back to the newest intact one, and refuses (exit 2
 checkpoints but none is intact. Everything is loaded with
 `torch.load(weights_only=True)` or safetensors; state.json and meta.json are plain JSON.
 
-List a run's checkpoints: `python -m launcher.checkpoint runs/NAME`; check every file against its
-hash: `python -m launcher.checkpoint verify runs/NAME` (exit 1 if any checkpoint is damaged).
+The manifest, finding intact checkpoints and rotation's choice are launcher.checkpoint_files (no
+torch); this module saves and loads. List a run's checkpoints: `python -m launcher.checkpoint
+runs/NAME`; check every file against its hash: `python -m launcher.checkpoint verify runs/NAME`
+(exit 1 if any checkpoint is damaged).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import random
-import re
 import shutil
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from launcher.checkpoint_files import (
+    _STEP_DIR,
+    CHECKPOINTS,
+    FORMAT_VERSION,
+    MARKER,
+    TMP_PREFIX,
+    Checkpoint,
+    _fsync_dir,
+    _write_json,
+    checkpoint_name,
+    inspect,
+    latest,
+    main,
+    newest_intact,
+    scan,
+    select_kept,
+    sha256_file,
+    verify,
+    write_manifest,
+)
 from launcher.config import CheckpointConfig, Config, training_keys
 from launcher.errors import UsageError
+from launcher.output import main_print
 from launcher.resharding import (
     check_world_size,
     distributed_type,
@@ -47,20 +66,15 @@ from launcher.resharding import (
     rng_file,
 )
 
-FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE"
-TMP_PREFIX = ".tmp-"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+__all__ = ["CHECKPOINTS", "ELASTIC", "FORMAT_VERSION", "MARKER", "RESUME_MAY_CHANGE", "TMP_PREFIX", "Checkpoint",
+           "Checkpointer", "checkpoint_name", "cli", "compat_defaults", "compat_values", "inspect", "latest", "main",
+           "newest_intact", "param_shapes", "resolve_resume", "rng_state", "scan", "select_kept", "set_rng_state",
+           "sha256_file", "verify"]
 
 RESUME_MAY_CHANGE = ("train.mixed_precision",)
 """Keys that change what a run learns (launcher.config.affects_training) but may differ on resume:
 the precision follows the hardware a requeued job lands on."""
 ELASTIC = ("train.batch_size", "train.grad_accum_steps")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def compat_values(cfg: Config, num_train_samples: int) -> dict[str, Any]:
@@ -110,130 +124,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Finding checkpoints (pure file-system code, no distributed state)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Checkpoint:
-    path: str
-    step: int
-    meta: dict[str, Any]
-
-    def metric(self, name: str) -> float | None:
-        value = (self.meta.get("metrics") or {}).get(name)
-        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-
-def sha256_file(path: str, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def inspect(path: str, verify: bool = True) -> tuple[Checkpoint | None, str | None]:
-    """(checkpoint, None) if `path` is complete and intact, else (None, what is wrong).
-
-    Complete: the manifest is there and every file it lists has its size. With `verify`, every file's
-    SHA-256 is also checked against the manifest (manifests written before hashes were recorded are
-    checked by size only).
-    """
-    marker = os.path.join(path, MARKER)
-    if not os.path.isfile(marker):
-        return None, f"no {MARKER} manifest (interrupted while being written)"
-    try:
-        with open(marker) as f:
-            manifest = json.load(f)
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        return None, f"unreadable manifest or meta.json ({err})"
-    for rel, size in manifest.get("files", {}).items():
-        file = os.path.join(path, rel)
-        if not os.path.isfile(file):
-            return None, f"{rel} is missing"
-        if os.path.getsize(file) != size:
-            return None, f"{rel} has {os.path.getsize(file)} bytes, the manifest says {size}"
-    if verify:
-        hashes = manifest.get("sha256")
-        if hashes is not None and set(hashes) != set(manifest.get("files", {})):
-            return None, "the manifest's hashes do not cover its files"
-        for rel, expected in sorted((hashes or {}).items()):
-            if sha256_file(os.path.join(path, rel)) != expected:
-                return None, f"{rel} does not match its SHA-256 in the manifest (altered or corrupt)"
-    if meta.get("format_version") != FORMAT_VERSION:
-        return None, f"format version {meta.get('format_version')} (this code reads {FORMAT_VERSION})"
-    return Checkpoint(path=path, step=int(meta["step"]), meta=meta), None
-
-
-def scan(checkpoints_dir: str, verify: bool = False) -> list[tuple[str, Checkpoint | None, str | None]]:
-    """All `step_N` folders, newest first, each with its checkpoint or what is wrong with it.
-
-    Sizes only by default (cheap: rotation scans after every save); `verify` also checks the hashes.
-    """
-    if not os.path.isdir(checkpoints_dir):
-        return []
-    found = []
-    for entry in os.scandir(checkpoints_dir):
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry.path))
-    return [(path, *inspect(path, verify)) for _, path in sorted(found, reverse=True)]
-
-
-def newest_intact(checkpoints_dir: str) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
-    """The newest complete checkpoint whose files match their hashes, and the (path, problem) of the
-    newer ones that were skipped. Older checkpoints are not read once one is found."""
-    skipped = []
-    for path, ckpt, problem in scan(checkpoints_dir):
-        if ckpt is not None:
-            ckpt, problem = inspect(path, verify=True)
-        if ckpt is not None:
-            return ckpt, skipped
-        skipped.append((path, problem))
-    return None, skipped
-
-
-def latest(checkpoints_dir: str, warn=None) -> Checkpoint | None:
-    """The newest intact checkpoint; incomplete or damaged ones are reported to `warn` and skipped."""
-    ckpt, skipped = newest_intact(checkpoints_dir)
-    if warn is not None:
-        for path, problem in skipped:
-            warn(f"skipping checkpoint {path}: {problem}")
-    return ckpt
-
-
-def select_kept(entries: list[tuple[int, float | None]], keep_last: int, best_mode: str | None) -> set[int]:
-    """Steps to keep among (step, metric) pairs: the last `keep_last`, plus the best metric if best_mode.
-
-    Ties go to the earliest step (the first time the value was reached).
-    """
-    steps = sorted(step for step, _ in entries)
-    keep = set(steps[-keep_last:]) if keep_last > 0 else set()
-    scored = [(value if best_mode == "min" else -value, step) for step, value in entries
-              if value is not None and math.isfinite(value)]
-    if best_mode and scored:
-        keep.add(min(scored)[1])
-    return keep
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
 
 # ---------------------------------------------------------------------------------------------
 # Saving and loading (every rank calls these together)
@@ -248,7 +138,7 @@ def resolve_resume(resume: str, checkpoints_dir: str, accelerator) -> str | None
     checkpoint at all; refused if there are checkpoints but none is intact. A path: a checkpoint
     folder, or a run / checkpoints folder (its newest intact checkpoint).
     """
-    from launcher.distributed import agree
+    from launcher.output import agree
 
     return agree(accelerator, lambda: _find(resume, checkpoints_dir))
 
@@ -316,8 +206,7 @@ class Checkpointer:
         return self.accelerator.is_main_process
 
     def _print(self, message: str) -> None:
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+        main_print(self.accelerator, message, stderr=True)
 
     def due(self, step: int, step_in_epoch: int, steps_per_epoch: int, total_steps: int) -> bool:
         """A step checkpoint now? Not at an epoch's last step: the end-of-epoch one follows the evaluation."""
@@ -376,21 +265,7 @@ class Checkpointer:
                                f"(last good checkpoint: {self.last_saved or 'none'})")
 
     def _commit(self, tmp: str, final: str, step: int) -> None:
-        files, hashes = {}, {}
-        for root, _, names in os.walk(tmp):
-            for file in names:
-                path = os.path.join(root, file)
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        digest.update(chunk)
-                    os.fsync(f.fileno())
-                rel = os.path.relpath(path, tmp)
-                files[rel] = os.path.getsize(path)
-                hashes[rel] = digest.hexdigest()
-        _write_json(os.path.join(tmp, MARKER), {"format_version": FORMAT_VERSION, "step": step, "files": files,
-                                                "sha256": hashes})
-        _fsync_dir(tmp)
+        write_manifest(tmp, step)
         stale = None
         if os.path.exists(final):  # the same step saved again (e.g. preempted right after a resume)
             stale = os.path.join(self.dir, f"{TMP_PREFIX}old-{os.path.basename(final)}")
@@ -463,72 +338,6 @@ class Checkpointer:
         self.last_saved = path
         return state
 
-
-# ---------------------------------------------------------------------------------------------
-# CLI: list a run's checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def _folder(run_dir: str) -> str:
-    folder = os.path.join(run_dir, CHECKPOINTS) if os.path.isdir(os.path.join(run_dir, CHECKPOINTS)) else run_dir
-    if not os.path.isdir(folder):
-        raise UsageError(f"{run_dir!r} is not a run directory; pass e.g. runs/mnist1d-20250101-120000")
-    return folder
-
-
-def main(run_dir: str, target: str | None = None) -> None:
-    """List the checkpoints of a run: step, epoch, why it was written, metrics, and whether it is usable.
-
-    `python -m launcher.checkpoint RUN_DIR` lists them (files checked by size);
-    `python -m launcher.checkpoint verify RUN_DIR` also checks every file against the SHA-256 in its
-    checkpoint's manifest and exits with status 1 if any checkpoint is damaged.
-
-    Args:
-      run_dir: a run directory (holding checkpoints/) or its checkpoints/ folder; or `verify`.
-      target: with `verify`, the run directory.
-    """
-    if run_dir == "verify" and target is not None:
-        raise SystemExit(verify(target))
-    if target is not None:
-        raise UsageError(f"unexpected argument {target!r}; use python -m launcher.checkpoint [verify] RUN_DIR")
-    folder = _folder(run_dir)
-    rows = scan(folder)
-    if not rows:
-        print(f"no checkpoints in {folder}")
-        return
-    newest = next((c.path for _, c, _ in rows if c is not None), None)
-    for path, ckpt, problem in rows:
-        if ckpt is None:
-            print(f"{os.path.basename(path)}  NOT USABLE: {problem}")
-            continue
-        m = ckpt.meta
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in (m.get("metrics") or {}).items())
-        tag = "  <- --resume auto" if path == newest else ""
-        print(f"{os.path.basename(path)}  epoch {m['epoch']:g}  {m['reason']}  {metrics}{tag}")
-
-
-def verify(run_dir: str) -> int:
-    """Check every checkpoint of a run against its manifest (sizes and SHA-256); 0 if all are intact, else 1."""
-    folder = _folder(run_dir)
-    rows = scan(folder, verify=True)
-    if not rows:
-        print(f"no checkpoints in {folder}")
-        return 0
-    newest = next((c.path for _, c, _ in rows if c is not None), None)
-    for path, ckpt, problem in rows:
-        if ckpt is None:
-            print(f"{os.path.basename(path)}  DAMAGED: {problem}")
-            continue
-        with open(os.path.join(path, MARKER)) as f:
-            manifest = json.load(f)
-        how = "sha256 verified" if manifest.get("sha256") else "sizes only (no hashes in this manifest)"
-        tag = "  <- --resume auto" if path == newest else ""
-        print(f"{os.path.basename(path)}  ok  {len(manifest.get('files', {}))} files, {how}{tag}")
-    damaged = sum(ckpt is None for _, ckpt, _ in rows)
-    if damaged:
-        verdict = f"--resume auto takes {os.path.basename(newest)}" if newest else "--resume auto would refuse"
-        print(f"{damaged} of {len(rows)} checkpoint(s) damaged; {verdict}")
-    return 1 if damaged else 0
 
 
 def cli() -> None:

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 
 from launcher.errors import USAGE_EXIT, UsageError, fail
+from launcher.preemption import PREEMPTED_EXIT
 
 COMMANDS = {
     "train": "train a recipe (several processes: --num_processes N, --config_file F)",
@@ -154,7 +155,7 @@ def precheck(command: str, rest: list[str]) -> None:
     """The checks a training process would make first, made once here: flags, recipe, output paths."""
     module = importlib.import_module(f"launcher.{command}")
     from launcher.errors import check_flags
-    from launcher.slurm import _parse_value, split_flags
+    from launcher.slurm_spec import _parse_value, split_flags
 
     check_flags(module.main, rest, f"launcher {command}")
     own_names = {"recipe", "output_dir", "resume", "print_config", "plot", "apply", "start_lr", "end_lr",
@@ -204,30 +205,14 @@ def launch_processes(command: str, launch: dict[str, str], rest: list[str]) -> i
     import torch
 
     from launcher.output import install_warnings
-    from launcher.slurm import _group_status, _status_from_code
+    from launcher.slurm_launch import accelerate_launch
 
     install_warnings()
     for name in ("torch.distributed.elastic", "torch.distributed.run", "accelerate"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # a failed process already said why
-    from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     argv = [*accelerate_args(launch, torch.cuda.is_available()), "-m", f"launcher.{command}", *rest]
-    args = launch_command_parser().parse_args(argv)
-    import subprocess
-
-    try:
-        launch_command(args)
-    except subprocess.CalledProcessError as err:
-        status = _status_from_code(err.returncode)
-    except ChildFailedError as err:
-        status = _group_status([failure.exitcode for failure in err.failures.values()])
-    except SignalException as err:
-        status = 128 + int(err.sigval)
-    else:
-        status = 0
-    if status not in (0, USAGE_EXIT, 124):
+    status = accelerate_launch(argv)
+    if status not in (0, USAGE_EXIT, PREEMPTED_EXIT):
         print(f"launcher {command}: training processes failed (exit {status})", file=sys.stderr, flush=True)
     return status
 

@@ -28,12 +28,10 @@ def fail(message: str) -> NoReturn:
     """Print `error: message` once (rank 0 only) and exit with status 2."""
     if is_main_process_env():
         print(f"error: {message}", file=sys.stderr, flush=True)
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Every rank hits the same mistake at once; the first to exit makes torchrun kill the others.
-        # Let rank 0 print its line first.
-        import time
+    else:
+        from launcher.output import let_main_rank_report_first
 
-        time.sleep(3)
+        let_main_rank_report_first(3)
     raise SystemExit(USAGE_EXIT)
 
 

@@ -1,4 +1,5 @@
-"""What the command-line tools print besides their results: warnings, and checks of output paths.
+"""What the command-line tools print besides their results, and from which rank: warnings, checks of
+output paths, and decisions the main process makes for every rank.
 
 Warnings: every `warnings.warn` (ours, and the few from torch / accelerate worth reading) is printed
 as one line, `warning: <message>`, by the main process only (global rank 0, or a run without a
@@ -8,12 +9,19 @@ Output paths: `check_dir` and `check_file` refuse, before anything is written, a
 be created or written (a parent that is a file, a directory without write permission, a file where
 a directory is needed and the reverse), naming the flag; `make_parents` creates a plot's directory
 and turns a late filesystem error into the same one-line UsageError.
+
+Ranks: `main_print` prints from the main process only; `agree` lets the main process decide and
+every rank learn the decision (a problem becomes the same UsageError on every rank);
+`let_main_rank_report_first` keeps the other ranks alive long enough for rank 0's one-line error to
+be printed. Exit statuses are launcher.errors.USAGE_EXIT (2) and launcher.preemption's
+PREEMPTED_EXIT (124) and NONFINITE_EXIT (3); none of this imports torch.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -132,3 +140,39 @@ def makedirs(path: str, flag: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         raise UsageError(f"{flag} {str(path)!r}: cannot create it ({err.strerror}); choose another {flag}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks: who prints, who decides
+# ---------------------------------------------------------------------------------------------
+
+
+def main_print(accelerator: Any, message: str, *, stderr: bool = False) -> None:
+    """Print `message` (flushed) from the main process only."""
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr if stderr else sys.stdout, flush=True)
+
+
+def let_main_rank_report_first(seconds: float) -> None:
+    """Every rank hits the same mistake at once and only rank 0 reports it; torchrun stops the whole
+    job when the first process exits, so the other ranks wait `seconds` before they exit: otherwise
+    rank 0 may be killed unheard. Returns at once on rank 0 and in a run of one process."""
+    if not is_main_process_env() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(seconds)
+
+
+def agree(accelerator, decide) -> Any:
+    """The main process decides, every rank learns the decision, a problem is a UsageError on every rank.
+
+    `decide()` runs on the main process only and returns (value, problem or None). Every rank must
+    call `agree` together: a rank that raised alone would leave the others waiting in a collective.
+    """
+    decision: list[Any] = list(decide()) if accelerator.is_main_process else [None, None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(decision, from_process=0)
+    value, problem = decision
+    if problem:
+        raise UsageError(problem)
+    return value

@@ -90,7 +90,7 @@ def _claim_run_dir(accelerator, name: str, output_dir: str | None, resume: str |
     A fresh run refuses an existing non-empty directory (nothing is overwritten). With --resume the
     directory may exist; config.yaml is written only if absent. Returns (path, the topmost directory created here or None).
     """
-    from launcher.distributed import agree
+    from launcher.output import agree
 
     def decide():
         path = output_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -74,8 +74,14 @@ def train(*args: str, cwd: Path | str = ROOT, timeout: int = 300, **extra_env: s
 
 
 def train_ddp(*args: str, num_processes: int = 2, module: str = "launcher.train", cwd: Path | str = ROOT,
-              timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
-    cmd = [*ACCELERATE, "--config_file", CPU_DDP, "--num_processes", str(num_processes), "-m", module, *args]
+              timeout: int = 300, exits_to: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the CPU DDP config; with `exits_to`, each worker records its exit status
+    there (read it with `worker_exits`)."""
+    target = ["-m", module]
+    if exits_to is not None:
+        extra_env[EXITS_ENV] = str(exits_to)
+        target = recording_exits(module)
+    cmd = [*ACCELERATE, "--config_file", CPU_DDP, "--num_processes", str(num_processes), *target, *args]
     return run(cmd, cwd=cwd, timeout=timeout, **extra_env)
 
 
@@ -116,3 +122,54 @@ def fit_batch(task, optimizer, inputs, targets, steps: int) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Each worker's own exit status: `python -m helpers MODULE ARGS` runs `python -m MODULE ARGS`
+# ---------------------------------------------------------------------------------------------
+
+EXITS_ENV = "LAUNCHER_TEST_EXITS_DIR"
+"""Where `python -m helpers` writes `rank<RANK>` holding the status the worker exits with (unset: nothing)."""
+
+
+def recording_exits(module: str) -> list[str]:
+    """`-m MODULE` for a launch command, run through this file so that each worker records the exit
+    status it raises itself (e.g. the trainer's 3 or 124) in $LAUNCHER_TEST_EXITS_DIR: a test reads
+    the launcher's own statuses there instead of the launcher's report of them (torch elastic's
+    error table)."""
+    return ["-m", "helpers", module]
+
+
+def worker_exits(folder: Path | str) -> dict[int, int]:
+    """rank -> the status that rank's worker exited with; a rank killed from outside (e.g. by torch
+    elastic once another rank had exited) wrote nothing."""
+    return {int(p.name.removeprefix("rank")): int(p.read_text()) for p in Path(folder).glob("rank*")}
+
+
+def assert_usage_exits(folder: Path | str) -> None:
+    """Rank 0, which prints the one `error:` line, exited with the usage status 2 itself, and no rank
+    exited with anything else (a traceback would be 1; the others may be stopped while they wait)."""
+    exits = worker_exits(folder)
+    assert exits.get(0) == 2 and set(exits.values()) == {2}, exits
+
+
+def _run_recording_exit(module: str, argv: list[str]) -> None:
+    import runpy
+
+    sys.argv = [module, *argv]
+    status = 1  # an uncaught exception: Python exits with 1
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        status = 0
+    except SystemExit as exit_:
+        status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        raise
+    finally:
+        folder = os.environ.get(EXITS_ENV)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            Path(folder, f"rank{os.environ.get('RANK', '0')}").write_text(str(status))
+
+
+if __name__ == "__main__":
+    _run_recording_exit(sys.argv[1], sys.argv[2:])

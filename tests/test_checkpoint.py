@@ -314,3 +314,10 @@ def test_resume_auto_refuses_a_run_whose_checkpoints_are_all_damaged(run_dir, tm
     assert_usage_error(result, f"none of the {len(ckpts)} checkpoint(s)", f"{ckpts[-1].name}: optimizer.bin does not "
                        "match its SHA-256", "nothing was changed", "launcher.checkpoint verify")
     assert snapshot(copy) == before
+
+
+def test_listing_and_verifying_checkpoints_needs_no_torch():
+    """The manifest code (launcher.checkpoint_files) is plain file-system code."""
+    code = "import sys, launcher.checkpoint_files; print('torch' in sys.modules)"
+    proc = run([sys.executable, "-c", code])
+    assert proc.stdout.strip() == "False", proc.stderr

@@ -14,10 +14,10 @@ import os
 
 import pytest
 
-from launcher.distributed import resolve_deepspeed_config
+from launcher.deepspeed_config import resolve_deepspeed_config
 from launcher.errors import UsageError
 
-from helpers import ACCELERATE, ROOT, read_metrics, run, train
+from helpers import ACCELERATE, EXITS_ENV, ROOT, assert_usage_exits, read_metrics, recording_exits, run, train
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")  # accelerate's DeepSpeed path reads its version
@@ -85,7 +85,7 @@ def test_missing_zero_section_is_named():
 def test_accelerate_config_without_a_json_is_resolved_too(monkeypatch):
     """`accelerate config` can describe ZeRO with fields instead of a JSON file; those are honoured."""
     from launcher.config import TrainConfig
-    from launcher.distributed import make_deepspeed_plugin
+    from launcher.deepspeed_config import make_deepspeed_plugin
 
     for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
                        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "none",
@@ -131,15 +131,16 @@ def test_accelerate_config_with_mixed_precision_next_to_the_json_is_refused_thro
     config = tmp_path / "ds.yaml"
     config.write_text((ROOT / "accelerate_configs/cpu_deepspeed_zero2.yaml").read_text() + "mixed_precision: bf16\n")
     run_dir = tmp_path / "run"
-    proc = run([*ACCELERATE, "--config_file", str(config), "-m", "launcher.train",
-                "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)], timeout=300)
+    proc = run([*ACCELERATE, "--config_file", str(config), *recording_exits("launcher.train"),
+                "--recipe", "recipes/mnist1d.yaml", "--output_dir", str(run_dir)], timeout=300,
+               **{EXITS_ENV: str(tmp_path / "exits")})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: the accelerate config sets mixed_precision next to deepspeed_config_file "
                       "'accelerate_configs/deepspeed/zero2.json'; remove it from the accelerate config (precision: "
                       "pass --mixed_precision to accelerate launch or set train.mixed_precision; the rest belongs "
                       "in the JSON)"]
-    assert "exitcode  : 2" in proc.stderr  # each training process stopped with the usage status
+    assert_usage_exits(tmp_path / "exits")  # the training processes stopped with the usage status
     assert not run_dir.exists()
 
 

@@ -22,9 +22,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.distributed import requested_processes
+from launcher.launch_checks import requested_processes
 
-from helpers import ACCELERATE, ROOT, free_port, kill_group, read_metrics, run, start
+from helpers import (
+    ACCELERATE,
+    EXITS_ENV,
+    ROOT,
+    assert_usage_exits,
+    free_port,
+    kill_group,
+    read_metrics,
+    recording_exits,
+    run,
+    start,
+)
 
 CONFIGS = ROOT / "accelerate_configs"
 SMALL = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=320", "--task.options.num_test=100",
@@ -170,10 +181,11 @@ def test_accelerate_starting_one_process_for_two_is_stopped(how, tmp_path, multi
 def test_fsdp_config_on_cpu_is_refused_not_degraded(tmp_path):
     run_dir = tmp_path / "run"
     proc = run([*ACCELERATE, "--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "2",
-                 "--mixed_precision", "no", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
+                "--mixed_precision", "no", *recording_exits("launcher.train"), *SMALL, "--output_dir", str(run_dir)],
+               **{EXITS_ENV: str(tmp_path / "exits")})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: FSDP needs GPUs"), proc.stderr[-3000:]
-    assert "exitcode  : 2" in proc.stderr
+    assert_usage_exits(tmp_path / "exits")
     assert not run_dir.exists()
 
 
@@ -236,3 +248,39 @@ def test_multi_node_config_with_two_local_machines(tmp_path):
     assert "topology: MULTI_CPU, 2 process(es) on 2 machine(s)" in stdout
     assert stdout.count("completed:") == 1
     assert json.loads((run_dir / "plan.json").read_text())["num_machines"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher.output: who prints, who decides
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rank", "world", "waits"), [("0", "2", False), ("1", "2", True), ("1", None, False)])
+def test_only_the_other_ranks_of_a_group_wait_for_rank_0_to_report(rank, world, waits, monkeypatch):
+    from launcher import output
+
+    slept = []
+    monkeypatch.setattr(output.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", rank)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    output.let_main_rank_report_first(5)
+    assert slept == ([5] if waits else [])
+
+
+def test_agree_returns_the_main_process_decision_or_raises_its_problem():
+    from types import SimpleNamespace
+
+    from launcher.errors import UsageError
+    from launcher.output import agree
+
+    one = SimpleNamespace(is_main_process=True, num_processes=1)
+    assert agree(one, lambda: ("runs/a", None)) == "runs/a"
+    with pytest.raises(UsageError, match="^already exists$"):
+        agree(one, lambda: (None, "already exists"))
+    asked = []
+    other_rank = SimpleNamespace(is_main_process=False, num_processes=1)
+    assert agree(other_rank, lambda: asked.append(1) or ("x", None)) is None  # only the main process decides
+    assert asked == []

@@ -125,14 +125,14 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
     pytest.importorskip("transformers")
     import shutil
 
-    from helpers import ACCELERATE, run
+    from helpers import ACCELERATE, EXITS_ENV, assert_usage_exits, recording_exits, run
 
     args = [*BASE, "--train.num_epochs=2", "--train.grad_accum_steps=2"]
 
     def launch(*extra: str, num_processes: int = 2, per_device: int | None = None, **env: str):
         batch = f"--train.batch_size={per_device or 16 // num_processes}"  # global batch 16 x 2 accumulation = 32
         return run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes",
-                    str(num_processes), "-m", "launcher.train", *args, batch, *extra], timeout=900, **env)
+                    str(num_processes), *recording_exits("launcher.train"), *args, batch, *extra], timeout=900, **env)
 
     ref, run_dir, same = tmp_path / "ref", tmp_path / "run", tmp_path / "same"
     assert launch("--output_dir", str(ref)).returncode == 0
@@ -141,8 +141,10 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
     checkpoint = run_dir / "checkpoints" / "step_00000010"
     before = {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
 
-    refused = launch("--output_dir", str(run_dir), "--resume", "auto", "--train.grad_accum_steps=1", num_processes=1)
-    assert refused.returncode != 0 and "exitcode  : 2" in refused.stderr
+    refused = launch("--output_dir", str(run_dir), "--resume", "auto", "--train.grad_accum_steps=1", num_processes=1,
+                     **{EXITS_ENV: str(tmp_path / "exits")})
+    assert refused.returncode != 0
+    assert_usage_exits(tmp_path / "exits")
     assert "step_00000010 was trained with a global batch of 32" in refused.stderr
 
     # keep_last: the checkpoint stays, to be compared with what it was before the resume.

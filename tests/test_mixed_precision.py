@@ -12,10 +12,10 @@ import math
 
 import pytest
 
-from launcher.distributed import resolve_mixed_precision
 from launcher.errors import UsageError
+from launcher.launch_checks import resolve_mixed_precision
 
-from helpers import ACCELERATE, read_metrics, run, train
+from helpers import ACCELERATE, EXITS_ENV, assert_usage_exits, read_metrics, recording_exits, run, train
 
 SMALL = ["--recipe", "recipes/mnist1d.yaml", "--task.options.num_train=640", "--task.options.num_test=200",
          "--train.num_epochs=2", "--checkpoint.enabled=false"]
@@ -91,9 +91,10 @@ def test_fp16_on_cpu_exits_2_with_one_line_and_writes_nothing(tmp_path):
 @pytest.mark.slow
 def test_fp16_from_a_two_process_launch_is_reported_once(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_ddp.yaml",
-                "--mixed_precision", "fp16", "-m", "launcher.train", *SMALL, "--output_dir", str(run_dir)])
+    proc = run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_ddp.yaml", "--mixed_precision", "fp16",
+                *recording_exits("launcher.train"), *SMALL, "--output_dir", str(run_dir)],
+               **{EXITS_ENV: str(tmp_path / "exits")})
     assert proc.returncode != 0
     assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [FP16_ERROR]
-    assert "exitcode  : 2" in proc.stderr
+    assert_usage_exits(tmp_path / "exits")
     assert not run_dir.exists()

@@ -19,7 +19,17 @@ from pathlib import Path
 import pytest
 from test_resume import BASE, assert_same_run, newest_checkpoint, plan, reference
 
-from helpers import ACCELERATE, CPU_DDP, read_metrics, run, start, train
+from helpers import (
+    ACCELERATE,
+    CPU_DDP,
+    EXITS_ENV,
+    read_metrics,
+    recording_exits,
+    run,
+    start,
+    train,
+    worker_exits,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,7 +83,7 @@ def test_two_processes_sigkill_then_sigterm_on_one_rank_then_resume(tmp_path, tm
     """2 gloo processes (batch 16 each = the reference's 32): kill, resume, preempt one rank, resume."""
     ref = reference(tmp_path_factory)
     run_dir = tmp_path / "run"
-    launch = [*ACCELERATE, "--config_file", CPU_DDP, "-m", "launcher.train",
+    launch = [*ACCELERATE, "--config_file", CPU_DDP, *recording_exits("launcher.train"),
               *BASE, "--train.batch_size=16", "--output_dir", str(run_dir)]
     killed = run(launch, timeout=240, LAUNCHER_TEST_KILL_AT_STEP="7")
     assert killed.returncode != 0
@@ -82,13 +92,14 @@ def test_two_processes_sigkill_then_sigterm_on_one_rank_then_resume(tmp_path, tm
     # Only rank 1 gets SIGTERM after step 21; rank 0 learns of it at the next flush (here the step-25
     # checkpoint: every 5 steps), through the all-reduce that reads the rows back, so neither hangs
     # and no step pays for a collective of its own. The bound: within train.log_every_n_steps steps.
-    proc = start([*launch, "--resume", "auto"], LAUNCHER_TEST_PAUSE_AT_STEP="21:1")
+    exits = tmp_path / "exits"
+    proc = start([*launch, "--resume", "auto"], LAUNCHER_TEST_PAUSE_AT_STEP="21:1", **{EXITS_ENV: str(exits)})
     pid = wait_for_pause(proc, run_dir / ".paused-rank1")
     os.kill(pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
-    # Both workers exit 124; accelerate launch (torch elastic) itself reports a failure (status 1).
+    # Both workers exit 124 themselves; accelerate launch (torch elastic) reports a failure (status 1).
     assert proc.returncode != 0
-    assert err.count("exitcode  : 124") == 2, err[-3000:]
+    assert worker_exits(exits) == {0: 124, 1: 124}, err[-3000:]
     assert "preempted (signal to another process) at step 25" in out  # the main process only heard of it
     assert newest_checkpoint(run_dir).name == "step_00000025"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"

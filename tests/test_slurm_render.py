@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launcher import slurm
+from launcher.slurm_launch import group_status
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "mnist1d.yaml")
@@ -513,6 +514,17 @@ def test_module_import_stays_light():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
+def test_exit_statuses_come_from_the_trainer_side():
+    """The requeue status is the trainer's own constant, not a copy that could drift."""
+    import inspect
+
+    from launcher import cli, preemption, slurm_launch
+
+    assert slurm.PREEMPTED_EXIT == slurm_launch.PREEMPTED_EXIT == preemption.PREEMPTED_EXIT == 124
+    for module in (slurm, slurm_launch, cli):
+        assert not re.search(r"^\w*EXIT\w* = \d+", inspect.getsource(module), re.M), module.__name__
+
+
 # ---------------------------------------------------------------------------------------------
 # submit, with a stand-in sbatch
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +595,7 @@ def _descendants(pid: int) -> list[int]:
     ([124], 124), ([124, 124], 124), ([124, -15], 124), ([-9, 124], 124),  # laggards stopped by the agent
     ([1], 1), ([124, 1], 1), ([1, 124], 1), ([-15], 143), ([-11, 124], 139), ([3, -15], 3)])
 def test_group_status(codes, expected):
-    assert slurm._group_status(codes) == expected
+    assert group_status(codes) == expected
 
 
 @pytest.mark.slow
