@@ -3,6 +3,11 @@
 A task is a function `build(task: TaskConfig, data: DataConfig) -> Task`. Built-ins are named
 (`task.name: mnist1d`); your own is `task.name: my_pkg.my_module:build` (importable from the
 current directory or the Python path). See README "Bring your own task".
+
+A task's `task.options` are declared as a `@task_options` class (a frozen pydantic dataclass, like
+the recipe's sections) and read with `parse_options(Options, task)`, which converts the values as
+the config does and turns any mistake into one line naming `task.options.<key>`.
+`python -m launcher.tasks` prints the built-ins' options (`options_table`).
 """
 
 from __future__ import annotations
