@@ -5,12 +5,22 @@ from __future__ import annotations
 import dataclasses
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
+from pydantic import model_validator
 
 from launcher.config import DataConfig, TaskConfig, load_config
 from launcher.errors import UsageError
-from launcher.tasks import BUILTIN, build_task, builtin_options, check_options, options_table, parse_options
+from launcher.tasks import (
+    BUILTIN,
+    build_task,
+    builtin_options,
+    check_options,
+    options_table,
+    parse_options,
+    task_options,
+)
 from launcher.tasks.cifar10 import CIFAR10Options
 from launcher.tasks.gpt import GPTOptions
 from launcher.tasks.mnist1d import MNIST1DOptions
@@ -240,6 +250,29 @@ def test_plugin_task_mistakes(plugin, overrides, expected):
     with pytest.raises(UsageError) as err:
         _build_plugin(plugin, **overrides)
     assert str(err.value) == expected
+
+
+@task_options
+class Opts:
+    k: int = 1
+    """A number."""
+    out: Path = Path(".")
+    """A path: not a type the config layer converts, so pydantic does."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Opts:
+        if self.k == 3:
+            raise ValueError("k must not be 3 (a reserved value); pick another")
+        if self.k == 4:
+            raise UsageError("task.options.k: 4 is reserved too; pick another")
+        return self
+
+
+def test_plain_validator_errors_and_other_types():
+    assert _error(Opts, "mine:build", k=3) == "task.options: k must not be 3 (a reserved value); pick another"
+    assert _error(Opts, "mine:build", k=4) == "task.options.k: 4 is reserved too; pick another"
+    assert _parse(Opts, "mine:build", out="/tmp/x").out == Path("/tmp/x")
+    assert _error(Opts, "mine:build", out=3).startswith("task.options.out: input is not a valid path")
 
 
 def test_check_options_dict_shorthand_still_works():

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import pydantic
 from pydantic import ValidationError
 
 from launcher import config_cli
@@ -148,28 +147,34 @@ def parse_options(model: type[T], task: TaskConfig) -> T:
 
 def _parse(model: type[T], options: Any, task_name: str) -> T:
     fields = option_fields(model)
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise UsageError(f"task.options: expected a mapping of option: value for task {task_name}; got {options!r}")
-    values: dict[str, Any] = {}
-    for key, value in options.items():
-        if key not in fields:
-            raise _unknown(str(key), fields, task_name)
-        try:
-            values[key] = convert(value, fields[key].annotation)
-        except BadValue as err:
-            raise UsageError(f"task.options.{key}{err.at}: {err}") from None
-        except AssertionError:  # a type the config layer does not convert: pydantic validates it as given
-            values[key] = value
+    values = _convert(options, {key: info.annotation for key, info in fields.items()}, task_name)
     try:
         return model(**values)
     except ValidationError as err:
         raise _options_error(err, model, task_name) from None
 
 
-def _unknown(key: str, fields: dict[str, Any], task_name: str) -> UsageError:
-    close = difflib.get_close_matches(key, list(fields), n=1)
+def _convert(options: Any, types: dict[str, Any], task_name: str) -> dict[str, Any]:
+    """The given options converted to their types by the config layer's rules; unknown keys refused."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise UsageError(f"task.options: expected a mapping of option: value for task {task_name}; got {options!r}")
+    values: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in types:
+            raise _unknown(str(key), list(types), task_name)
+        try:
+            values[key] = convert(value, types[key])
+        except BadValue as err:
+            raise UsageError(f"task.options.{key}{err.at}: {err}") from None
+        except AssertionError:  # a type the config layer does not convert: pydantic validates it as given
+            values[key] = value
+    return values
+
+
+def _unknown(key: str, fields: list[str], task_name: str) -> UsageError:
+    close = difflib.get_close_matches(key, fields, n=1)
     if close:
         hint = f"; did you mean task.options.{close[0]}?"
     elif fields:
@@ -185,12 +190,17 @@ def _options_error(err: ValidationError, model: type, task_name: str) -> UsageEr
     loc = ".".join(str(p) for p in e["loc"])
     key = f"task.options.{loc}" if loc else "task.options"
     if e["type"] in _UNKNOWN:
-        return _unknown(loc, option_fields(model), task_name)
+        return _unknown(loc, list(option_fields(model)), task_name)
     if e["type"] == "launcher":  # config_cli.problem(message, at) from a validator
         return UsageError(f"{key}{e['ctx']['at']}: {e['ctx']['message']}")
-    if e["type"] == "missing":
+    if e["type"] in ("missing", "missing_argument"):
         return UsageError(f"{key}: task {task_name} needs this option; set it in the recipe (task: options: "
                           f"{{{loc}: ...}}) or with --{key}=VALUE")
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, UsageError):  # raised as is by a validator
+        return cause
+    if isinstance(cause, Exception):  # a plain ValueError or assert in a validator: its own words
+        return UsageError(f"{key}: {cause}")
     info = config_cli.field_at(model, e["loc"])
     if e["type"] in config_cli._BOUND_ERRORS and info is not None:
         return UsageError(f"{key}: {config_cli._expected(info)}; got {e['input']!r}")
@@ -204,9 +214,8 @@ def check_options(task_name: str, options: dict[str, Any], defaults: dict[str, A
     The short form of `parse_options` for a few untyped options, with the same conversions and
     messages; it returns a dict. Prefer a `@task_options` class (descriptions, bounds).
     """
-    fields: dict[str, Any] = {k: (type(v) if v is not None else Any, v) for k, v in defaults.items()}
-    model = pydantic.create_model(f"{task_name}_options", __config__=pydantic.ConfigDict(extra="forbid"), **fields)
-    return _parse(model, options, task_name).model_dump()
+    types = {key: type(value) if value is not None else Any for key, value in defaults.items()}
+    return {**defaults, **_convert(options, types, task_name)}
 
 
 def _allowed(info: Any) -> str:
