@@ -191,8 +191,19 @@ def test_bad_options_and_models(archive_root):
         _task(root, model="vgg")
     with pytest.raises(UsageError, match="task.options.augmnt"):
         _task(root, augmnt=True)
-    with pytest.raises(UsageError, match="task.options.subset"):
+    with pytest.raises(UsageError, match=r"task\.options\.subset: must be in \[0, 50000\] \(0 = all images\); got -1"):
         _task(root, subset=-1)
+    with pytest.raises(UsageError, match=r"task\.options\.val_subset: must be in \[0, 10000\]"):
+        _task(root, val_subset=10_001)
+    with pytest.raises(UsageError, match=r"task\.options\.augment: expected true or false; got 'sometimes'"):
+        _task(root, augment="sometimes")
+
+
+def test_options_from_the_command_line_are_converted(archive_root):
+    root, _ = archive_root
+    task = _task(root, augment="false", subset="16", val_subset="4")
+    assert len(task.train_set) == 16 and len(task.val_set) == 4
+    assert task.description.endswith("no augmentation)")
 
 
 def test_full_resnet18_shape(one_thread):

@@ -121,10 +121,14 @@ def test_user_errors(tmp_path, text_file):
     short.write_text("tiny")
     with pytest.raises(UsageError, match="task.options.block_size"):
         _task(text_file=str(short))
-    with pytest.raises(UsageError, match="task.options.n_embd"):
+    with pytest.raises(UsageError, match=r"^task\.options\.n_embd: must be a multiple of n_head \(4\); got 30$"):
         _task(text_file=str(text_file), n_embd=30, n_head=4)
-    with pytest.raises(UsageError, match=r"task.options.n_layers.*n_layer"):
+    with pytest.raises(UsageError, match=r"task\.options\.n_layers for task gpt; did you mean task\.options\.n_layer\?"):
         _task(text_file=str(text_file), n_layers=2)
+    with pytest.raises(UsageError, match=r"^task\.options\.val_fraction: must be in \(0, 1\); got 1\.0$"):
+        _task(text_file=str(text_file), val_fraction="1")
+    with pytest.raises(UsageError, match=r"^task\.options\.block_size: must be >= 1; got 0$"):
+        _task(text_file=str(text_file), block_size=0)
     with pytest.raises(UsageError, match="task.model"):
         build_task(TaskConfig(name="gpt", model="llama", options=TINY), DataConfig())
 

@@ -13,8 +13,8 @@ image index) (`launcher.data.SampleRandom`, never torch's global RNG, so a resum
 crops), then every image is normalised with the per-channel CIFAR-10 mean and std. Evaluation images are
 only normalised.
 
-Options (`task.options`): `augment` (default true), `subset` / `val_subset` (use only the first N
-training / test images; 0 = all). Models (`task.model`): `resnet18` (default, the CIFAR ResNet-18),
+Options (`task.options`, `CIFAR10Options`): `augment` (default true), `subset` / `val_subset` (use only
+the first N training / test images; 0 = all). Models (`task.model`): `resnet18` (default, the CIFAR ResNet-18),
 `resnet_tiny` (the same shape with 8-64 channels, for tests and CPU runs).
 """
 
@@ -40,7 +40,7 @@ from launcher.config import DataConfig, TaskConfig
 from launcher.data import SampleRandom, TensorBatchDataset
 from launcher.errors import UsageError
 from launcher.models.resnet import resnet18, resnet_tiny
-from launcher.tasks import Task, check_options, data_root
+from launcher.tasks import Task, data_root, parse_options, setting, task_options
 from launcher.tasks.common import classification_loss, classification_metrics, load_arrays_npz, save_arrays
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -55,8 +55,17 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 PAD = 4
 
-DEFAULTS = {"augment": True, "subset": 0, "val_subset": 0}
 MODELS = {"resnet18": resnet18, "resnet_tiny": resnet_tiny}
+
+
+@task_options
+class CIFAR10Options:
+    augment: bool = True
+    """Random 32x32 crops (of the image padded by 4 pixels) and horizontal flips of the training images."""
+    subset: int = setting(0, ge=0, le=50_000, note="0 = all images")
+    """Train on the first N of the 50,000 training images; 0 = all."""
+    val_subset: int = setting(0, ge=0, le=10_000, note="0 = all images")
+    """Evaluate on the first N of the 10,000 test images; 0 = all."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,21 +268,18 @@ class CropFlipNormalize(Normalize):
 
 
 def build(task: TaskConfig, data: DataConfig) -> Task:
-    opts = check_options("cifar10", task.options, DEFAULTS)
-    for key in ("subset", "val_subset"):
-        if opts[key] < 0:
-            raise UsageError(f"task.options.{key}: must be >= 0 (0 = all images); got {opts[key]}")
+    opts = parse_options(CIFAR10Options, task)
     model_name = task.model or "resnet18"
     if model_name not in MODELS:
         raise UsageError(f"task.model: cifar10 has no model {model_name!r}; use one of {', '.join(MODELS)}")
     arrays = load_arrays(data_root(data))
-    num_train = opts["subset"] or len(arrays["x"])
-    num_val = opts["val_subset"] or len(arrays["x_test"])
+    num_train = opts.subset or len(arrays["x"])
+    num_val = opts.val_subset or len(arrays["x_test"])
     x = torch.from_numpy(arrays["x"][:num_train])
     y = torch.from_numpy(arrays["y"][:num_train])
     x_test = torch.from_numpy(arrays["x_test"][:num_val])
     y_test = torch.from_numpy(arrays["y_test"][:num_val])
-    train_transform = CropFlipNormalize() if opts["augment"] else Normalize()
+    train_transform = CropFlipNormalize() if opts.augment else Normalize()
     return Task(
         model=MODELS[model_name](),
         train_set=TensorBatchDataset(x, y, transform=train_transform),
@@ -282,5 +288,5 @@ def build(task: TaskConfig, data: DataConfig) -> Task:
         metrics=classification_metrics,
         collate_fn=TensorBatchDataset.collate,
         description=f"CIFAR-10 {model_name} ({len(x)} train / {len(x_test)} test"
-                    + (", crop+flip augmentation)" if opts["augment"] else ", no augmentation)"),
+                    + (", crop+flip augmentation)" if opts.augment else ", no augmentation)"),
     )

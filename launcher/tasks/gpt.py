@@ -21,8 +21,8 @@ For throughput and MFU the task reports `tokens_per_sample = block_size` and `fl
 6 N + 12 n_layer n_embd block_size` (`GPT.flops_per_token`: N counts every parameter but the
 positional embedding).
 
-Options (`task.options`): `n_layer`, `n_head`, `n_embd`, `block_size`, `dropout` (the model);
-`text_file`, `max_bytes`, `val_fraction`, `samples_per_epoch`, `val_samples` (the data).
+Options (`task.options`, `GPTOptions`): `n_layer`, `n_head`, `n_embd`, `block_size`, `dropout` (the
+model); `text_file`, `max_bytes`, `val_fraction`, `samples_per_epoch`, `val_samples` (the data).
 Model (`task.model`): `gpt` (the default and only one).
 """
 
@@ -36,26 +36,45 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch.utils.data import Dataset
 
 from launcher.config import DataConfig, TaskConfig
 from launcher.data import SampleRandom
 from launcher.errors import UsageError
 from launcher.models.gpt import GPT, GPTConfig
-from launcher.tasks import Task, check_options
+from launcher.tasks import Task, parse_options, problem, setting, task_options
 
-DEFAULTS = {
-    "n_layer": 4,
-    "n_head": 4,
-    "n_embd": 128,
-    "block_size": 128,
-    "dropout": 0.0,
-    "text_file": "",
-    "max_bytes": 8_000_000,
-    "val_fraction": 0.1,
-    "samples_per_epoch": 20_000,
-    "val_samples": 1_000,
-}
+
+@task_options
+class GPTOptions:
+    n_layer: int = setting(4, ge=1)
+    """Transformer blocks."""
+    n_head: int = setting(4, ge=1)
+    """Attention heads per block; n_embd must be a multiple of it."""
+    n_embd: int = setting(128, ge=1)
+    """Width of the residual stream (embedding size)."""
+    block_size: int = setting(128, ge=1)
+    """Context length in bytes: one sample is block_size + 1 bytes (inputs and the targets shifted by one)."""
+    dropout: float = setting(0.0, ge=0, lt=1)
+    """Dropout probability (attention, residual and embedding)."""
+    text_file: str = ""
+    """The corpus: a text file read as bytes; empty = the Python standard library's source."""
+    max_bytes: int = setting(8_000_000, ge=1)
+    """Read at most this many bytes of the corpus."""
+    val_fraction: float = setting(0.1, gt=0, lt=1)
+    """The last fraction of the corpus that is the validation split."""
+    samples_per_epoch: int = setting(20_000, ge=1)
+    """Training windows per epoch, one at a random place in each of this many equal slices of the split."""
+    val_samples: int = setting(1_000, ge=1)
+    """At most this many fixed, non-overlapping validation windows, spread evenly over the split."""
+
+    @model_validator(mode="after")
+    def _heads(self) -> GPTOptions:
+        if self.n_embd % self.n_head:
+            raise problem(f"must be a multiple of n_head ({self.n_head}); got {self.n_embd}", ".n_embd")
+        return self
+
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 
@@ -154,18 +173,6 @@ def val_starts(num_bytes: int, block_size: int, max_samples: int) -> torch.Tenso
     return picks * window
 
 
-def _check(opts: dict) -> None:
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "max_bytes", "samples_per_epoch", "val_samples"):
-        if opts[key] < 1:
-            raise UsageError(f"task.options.{key}: must be >= 1; got {opts[key]}")
-    if opts["n_embd"] % opts["n_head"]:
-        raise UsageError(f"task.options.n_embd: must be a multiple of n_head ({opts['n_head']}); got {opts['n_embd']}")
-    if not 0 <= opts["dropout"] < 1:
-        raise UsageError(f"task.options.dropout: must be in [0, 1); got {opts['dropout']}")
-    if not 0 < opts["val_fraction"] < 1:
-        raise UsageError(f"task.options.val_fraction: must be in (0, 1); got {opts['val_fraction']}")
-
-
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -185,23 +192,22 @@ def _finalize(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def build(task: TaskConfig, data: DataConfig) -> Task:
-    opts = check_options("gpt", task.options, DEFAULTS)
-    _check(opts)
+    opts = parse_options(GPTOptions, task)
     if task.model not in ("", "gpt"):
         raise UsageError(f"task.model: gpt has no model {task.model!r}; use gpt (sized by task.options.n_layer, ...)")
-    block_size = opts["block_size"]
-    corpus = read_corpus(opts["text_file"], opts["max_bytes"])
-    train_bytes, val_bytes = split_corpus(corpus, opts["val_fraction"])
-    source = opts["text_file"] or "the Python standard library source"
+    block_size = opts.block_size
+    corpus = read_corpus(opts.text_file, opts.max_bytes)
+    train_bytes, val_bytes = split_corpus(corpus, opts.val_fraction)
+    source = opts.text_file or "the Python standard library source"
     if len(val_bytes) < block_size + 1 or len(train_bytes) < block_size + 1:
         raise UsageError(
             f"task.options.block_size: {source} ({len(corpus)} bytes) is too short for windows of {block_size + 1} "
-            f"bytes in both splits (validation = last {opts['val_fraction']:g}); use a longer text or a smaller block_size")
-    model = GPT(GPTConfig(block_size=block_size, n_layer=opts["n_layer"], n_head=opts["n_head"],
-                          n_embd=opts["n_embd"], dropout=opts["dropout"]))
-    starts, jitter = train_slices(len(train_bytes), block_size, opts["samples_per_epoch"])
+            f"bytes in both splits (validation = last {opts.val_fraction:g}); use a longer text or a smaller block_size")
+    model = GPT(GPTConfig(block_size=block_size, n_layer=opts.n_layer, n_head=opts.n_head,
+                          n_embd=opts.n_embd, dropout=opts.dropout))
+    starts, jitter = train_slices(len(train_bytes), block_size, opts.samples_per_epoch)
     train_set = ByteWindows(train_bytes, starts, block_size, jitter)
-    val_set = ByteWindows(val_bytes, val_starts(len(val_bytes), block_size, opts["val_samples"]), block_size)
+    val_set = ByteWindows(val_bytes, val_starts(len(val_bytes), block_size, opts.val_samples), block_size)
     return Task(
         model=model,
         train_set=train_set,
@@ -212,7 +218,7 @@ def build(task: TaskConfig, data: DataConfig) -> Task:
         finalize=_finalize,
         tokens_per_sample=block_size,
         flops_per_token=model.flops_per_token(block_size),
-        description=(f"byte-level GPT {opts['n_layer']}x{opts['n_embd']} ({model.num_params() / 1e6:.2f}M params), "
+        description=(f"byte-level GPT {opts.n_layer}x{opts.n_embd} ({model.num_params() / 1e6:.2f}M params), "
                      f"block {block_size}, on {source}: {len(train_bytes)} train / {len(val_bytes)} val bytes, "
                      f"{len(train_set)} random train windows per epoch, {len(val_set)} val windows"),
     )

@@ -5,7 +5,7 @@
 `.npz` under `data_root()/mnist1d/`. The paper's test accuracies are our external yardstick:
 logistic regression 32%, MLP 68%, CNN 94%.
 
-Options (`task.options`): `seed` (dataset seed, default 42), `num_train`/`num_test` (defaults
+Options (`task.options`): `MNIST1DOptions` (`seed`, default 42; `num_train`/`num_test`, defaults
 4000/1000). Models (`task.model`): `cnn` (default), `mlp`, `linear`.
 """
 
@@ -21,10 +21,18 @@ from torch import nn
 from launcher.config import DataConfig, TaskConfig
 from launcher.data import TensorBatchDataset
 from launcher.errors import UsageError
-from launcher.tasks import Task, check_options, data_root
+from launcher.tasks import Task, data_root, parse_options, setting, task_options
 from launcher.tasks.common import classification_loss, classification_metrics, load_arrays_npz, save_arrays
 
-DEFAULTS = {"seed": 42, "num_train": 4000, "num_test": 1000}
+
+@task_options
+class MNIST1DOptions:
+    seed: int = setting(42, ge=0, le=2**32 - 1)
+    """Seed of the generated dataset (42 = the paper's frozen dataset)."""
+    num_train: int = setting(4000, ge=1)
+    """Training signals."""
+    num_test: int = setting(1000, ge=1)
+    """Test (validation) signals."""
 
 
 class ConvNet(nn.Module):
@@ -90,11 +98,11 @@ def load_arrays(root: str, seed: int = 42, num_train: int = 4000, num_test: int 
 
 
 def build(task: TaskConfig, data: DataConfig) -> Task:
-    opts = check_options("mnist1d", task.options, DEFAULTS)
+    opts = parse_options(MNIST1DOptions, task)
     model_name = task.model or "cnn"
     if model_name not in MODELS:
         raise UsageError(f"task.model: mnist1d has no model {model_name!r}; use one of {', '.join(MODELS)}")
-    arrays = load_arrays(data_root(data), opts["seed"], opts["num_train"], opts["num_test"])
+    arrays = load_arrays(data_root(data), opts.seed, opts.num_train, opts.num_test)
     x = torch.from_numpy(arrays["x"]).float()
     y = torch.from_numpy(arrays["y"]).long()
     x_test = torch.from_numpy(arrays["x_test"]).float()
