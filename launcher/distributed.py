@@ -143,6 +143,13 @@ def engine_input_dtype(accelerator: Accelerator) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
+def num_machines() -> int:
+    """Machines in this launch: processes / processes per machine (torch elastic's environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return max(1, world // max(1, local))
+
+
 def shutdown(accelerator) -> None:
     """End trackers and the process group; gc first (gloo aborted at exit in 11 of 84 runs without it)."""
     import gc

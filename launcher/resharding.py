@@ -265,6 +265,15 @@ def rebatch(state: dict[str, Any], old_global_batch: int, plan, scheduler_now: d
     return {**state, "train_state": train_state, "scheduler": scheduler}, line
 
 
+def continue_from(state: dict[str, Any], saved_global_batch: int | None, plan, scheduler_now: dict[str, Any]):
+    """(state, plan, line): a loaded checkpoint's state moved onto `plan`'s global batch where it differs
+    (`rebatch`, with its line for the log, else ""), and the plan counting steps as the state does."""
+    line = ""
+    if saved_global_batch not in (None, plan.global_batch):
+        state, line = rebatch(state, saved_global_batch, plan, scheduler_now)
+    return state, continue_plan(plan, state["train_state"]), line
+
+
 def continue_plan(plan, train_state: dict[str, Any]):
     """`plan` with total_steps counted like `train_state['step']`, which may run ahead of the plan's own
     step numbers after a change of global batch (`rebatch`); the same plan otherwise."""

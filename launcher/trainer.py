@@ -41,6 +41,7 @@ from launcher.distributed import (
     engine_input_dtype,
     is_deepspeed,
     make_accelerator,
+    num_machines,
     shutdown,
 )
 from launcher.evaluation import evaluate
@@ -50,7 +51,7 @@ from launcher.optim import build_optimizer
 from launcher.plan import make_plan
 from launcher.preemption import Preemption
 from launcher.progress import ProgressBar
-from launcher.resharding import continue_plan, keep_global_batch, rebatch
+from launcher.resharding import continue_from, keep_global_batch
 from launcher.rows import StepRows, metrics_lines, metrics_rows, read_back
 from launcher.schedule import LRScheduler
 from launcher.step import StepOps
@@ -102,7 +103,7 @@ class Trainer:
         cfg = self.cfg = cfg if new_global_batch else keep_global_batch(cfg, self.resume_path, acc)
         self.plan = dataclasses.replace(
             make_plan(cfg, acc.num_processes, len(self.task.train_set)),
-            distributed_type=str(acc.distributed_type).split(".")[-1], num_machines=_num_machines(),
+            distributed_type=str(acc.distributed_type).split(".")[-1], num_machines=num_machines(),
             device=describe_device(acc), mixed_precision=acc.mixed_precision)
 
         model = self.task.model
@@ -316,11 +317,10 @@ class Trainer:
         if path is None:
             self.print(f"--resume {resume}: no complete checkpoint in {self.checkpoints.dir}; starting fresh")
             return None
-        state = self.checkpoints.load(path)
-        if self.checkpoints.loaded_global_batch not in (None, self.plan.global_batch):
-            state, line = rebatch(state, self.checkpoints.loaded_global_batch, self.plan, self.scheduler.state_dict())
+        state, self.plan, line = continue_from(self.checkpoints.load(path), self.checkpoints.loaded_global_batch,
+                                               self.plan, self.scheduler.state_dict())
+        if line:
             self.print(line)
-        self.plan = continue_plan(self.plan, state["train_state"])
         self.state.load_state_dict(state["train_state"])
         self.state.status = "running"
         self.scheduler.load_state_dict(state["scheduler"])
@@ -444,8 +444,3 @@ class Trainer:
             self.preemption.run_hooks(self.checkpoints.last_saved or "", self.run_dir)
         if self.state.status in ("preempted", "nonfinite"):
             self.preemption.ignore_further()
-
-def _num_machines() -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return max(1, world // max(1, local))
