@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from launcher.tracking import json_line
+
 
 @dataclass
 class StepRows:
@@ -89,7 +91,7 @@ def metrics_lines(first: int, epoch: int, step_offset: int, steps_per_epoch: int
     out = []
     for step, step_lrs, loss, norm in zip(itertools.count(first), lrs, losses, norms):
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            out.append(_json_line(metrics_rows(step, epoch, step_offset, steps_per_epoch, [step_lrs], [loss], [norm])[0]))
+            out.append(json_line(metrics_rows(step, epoch, step_offset, steps_per_epoch, [step_lrs], [loss], [norm])[0]))
             continue
         lr = repr(step_lrs[0])
         line = (f'{{"step": {step}, "epoch": {round(epoch + (step + step_offset) / steps_per_epoch, 6)!r}, '
@@ -98,12 +100,6 @@ def metrics_lines(first: int, epoch: int, step_offset: int, steps_per_epoch: int
             line += "".join(f', "lr/group{i}": {lr if g == step_lrs[0] else repr(g)}' for i, g in enumerate(step_lrs))
         out.append(line + "}\n")
     return "".join(out)
-
-
-def _json_line(row: dict[str, Any]) -> str:
-    from launcher.tracking import _line
-
-    return _line(row)
 
 
 def _scalar(value: Any, device: torch.device) -> torch.Tensor:

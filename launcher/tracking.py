@@ -36,7 +36,7 @@ def _clean(value: Any) -> Any:
 _encode = json.JSONEncoder(allow_nan=False).encode  # json.dumps' output, refusing NaN / inf
 
 
-def _line(row: dict[str, Any]) -> str:
+def json_line(row: dict[str, Any]) -> str:
     """One metrics.jsonl line; a non-finite float becomes null (NaN) or +-1e308 (inf), as JSON has neither."""
     try:
         return _encode(row) + "\n"
@@ -191,7 +191,7 @@ class Tracker(NullTracker):
             raise RuntimeError(f"writing {self.path} failed: {error}") from error
 
     def _write(self, items: list) -> None:
-        text = "".join(item[0] if isinstance(item, tuple) else _line(item) for item in items)
+        text = "".join(item[0] if isinstance(item, tuple) else json_line(item) for item in items)
         if text:
             self._file.write(text)
             self._file.flush()

@@ -174,3 +174,22 @@ def test_test_faults_parse_steps_and_ranks(monkeypatch):
     monkeypatch.setenv("LAUNCHER_TEST_KILL_AT_STEP", "x")
     with pytest.raises(UsageError, match="LAUNCHER_TEST_KILL_AT_STEP"):
         from_env()
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=st.integers(1, 10_000), epoch=st.integers(0, 100), spe=st.integers(1, 500),
+       groups=st.integers(1, 3), shared=st.booleans(),
+       values=st.lists(st.tuples(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([NAN, INF])),
+                                 st.one_of(st.floats(0, 1e6), st.sampled_from([NAN, INF])),
+                                 st.floats(0, 1.0)), min_size=1, max_size=30))
+def test_metrics_lines_are_what_json_writes_for_the_rows(first, epoch, spe, groups, shared, values):
+    """The step rows' JSON lines, formatted without dicts on the flush path, match json.dumps of the rows
+    character for character (non-finite losses and norms included)."""
+    from launcher.rows import metrics_lines, metrics_rows
+    from launcher.tracking import json_line
+
+    offset = -first + 1 + (first - 1) % spe  # the first step lands inside the epoch, as at a real flush
+    lrs = [[lr] * groups if shared else [lr * (i + 1) for i in range(groups)] for _, _, lr in values]
+    losses, norms = [v[0] for v in values], [v[1] for v in values]
+    columns = (first, epoch, offset, spe, lrs, losses, norms)
+    assert metrics_lines(*columns) == "".join(map(json_line, metrics_rows(*columns)))
