@@ -226,11 +226,11 @@ def unknown_key(key: str, keys: list[str]) -> UsageError:
 
 
 _BOUNDS = {"gt": ("(", ">"), "ge": ("[", ">="), "lt": (")", "<"), "le": ("]", "<=")}
-_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
                  "string_too_short", "literal_error")
 
 
-def _expected(info: Any) -> str:
+def expected(info: Any) -> str:
     """What a field accepts, in words: `must be in (0, 1)`, `must be >= 1 (0 = off)`, `must be one of ...`."""
     extra = info.json_schema_extra or {}
     if "message" in extra:
@@ -261,8 +261,8 @@ def format_error(err: ValidationError, root: type, keys: list[str]) -> UsageErro
         where = f"{loc}{at}" if loc else at.lstrip(".")
         return UsageError(f"{where}: {e['ctx']['message']}")
     info = field_at(root, e["loc"])
-    if e["type"] in _BOUND_ERRORS and info is not None:
-        return UsageError(f"{loc}: {_expected(info)}; got {e['input']!r}")
+    if e["type"] in BOUND_ERRORS and info is not None:
+        return UsageError(f"{loc}: {expected(info)}; got {e['input']!r}")
     message = e["msg"][:1].lower() + e["msg"][1:]
     return UsageError(f"{loc or 'recipe'}: {message}; got {e['input']!r}")
 

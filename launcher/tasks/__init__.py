@@ -202,8 +202,8 @@ def _options_error(err: ValidationError, model: type, task_name: str) -> UsageEr
     if isinstance(cause, Exception):  # a plain ValueError or assert in a validator: its own words
         return UsageError(f"{key}: {cause}")
     info = config_cli.field_at(model, e["loc"])
-    if e["type"] in config_cli._BOUND_ERRORS and info is not None:
-        return UsageError(f"{key}: {config_cli._expected(info)}; got {e['input']!r}")
+    if e["type"] in config_cli.BOUND_ERRORS and info is not None:
+        return UsageError(f"{key}: {config_cli.expected(info)}; got {e['input']!r}")
     message = e["msg"][:1].lower() + e["msg"][1:]
     return UsageError(f"{key}: {message}" + (f"; got {e['input']!r}" if loc else ""))
 
@@ -224,7 +224,7 @@ def _allowed(info: Any) -> str:
         hasattr(m, b) for m in info.metadata for b in ("gt", "ge", "lt", "le"))
     if not bounded:
         return ""
-    return config_cli._expected(info).removeprefix("must be ")
+    return config_cli.expected(info).removeprefix("must be ")
 
 
 def _type_name(tp: Any) -> str:
