@@ -222,14 +222,17 @@ class Tracker(NullTracker):
         self._each_sink("summary", summary_values(summary))
 
     def close(self) -> None:
-        self.flush()
-        if self._writer is not None and self._queue is not None:
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = self._queue = None
-        self._file.close()
-        self._each_sink("close")
-        self._sinks.clear()
+        """Write what is left, then release the writer thread, the file and the sinks (also when that fails)."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None and self._queue is not None:
+                self._queue.put(None)
+                self._writer.join()
+                self._writer = self._queue = None
+            self._file.close()
+            self._each_sink("close")
+            self._sinks.clear()
 
 
 def summary_values(summary: dict[str, Any]) -> dict[str, Any]:

@@ -253,13 +253,20 @@ def test_a_writer_thread_error_is_raised_by_the_next_flush(tmp_path):
         def flush(self):
             pass
 
+        def close(self):
+            pass
+
     tracker._file = Full()
     tracker.log({"step": 1})
     tracker.flush(wait=False)
     with pytest.raises(RuntimeError, match=r"writing .*metrics.jsonl failed: .*No space left on device"):
         tracker.flush()
-    tracker._file = real
-    tracker.close()
+    tracker.log({"step": 2})
+    tracker.flush(wait=False)
+    with pytest.raises(RuntimeError, match="No space left on device"):
+        tracker.close()  # the error again, and still everything released
+    assert tracker._writer is None
+    real.close()
 
 
 def test_summary_values_flatten_summary_json():
