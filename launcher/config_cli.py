@@ -256,15 +256,26 @@ def format_error(err: ValidationError, root: type, keys: list[str]) -> UsageErro
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
         return unknown_key(loc, keys)
+    return value_problem(e, root, loc, "recipe")
+
+
+def value_problem(e: dict[str, Any], root: type, key: str, whole: str) -> UsageError:
+    """A pydantic error about a value as one line naming `key` (`whole` when it has no location): a
+    validator's own words, the field's range, else pydantic's message (recipe and task options alike)."""
     if e["type"] == "launcher":
         at = e["ctx"]["at"]
-        where = f"{loc}{at}" if loc else at.lstrip(".")
+        where = f"{key}{at}" if key else at.lstrip(".")
         return UsageError(f"{where}: {e['ctx']['message']}")
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, UsageError):  # raised as is by a validator
+        return cause
+    if isinstance(cause, Exception):  # a plain ValueError or assert in a validator: its own words
+        return UsageError(f"{key or whole}: {cause}")
     info = field_at(root, e["loc"])
     if e["type"] in BOUND_ERRORS and info is not None:
-        return UsageError(f"{loc}: {expected(info)}; got {e['input']!r}")
+        return UsageError(f"{key}: {expected(info)}; got {e['input']!r}")
     message = e["msg"][:1].lower() + e["msg"][1:]
-    return UsageError(f"{loc or 'recipe'}: {message}; got {e['input']!r}")
+    return UsageError(f"{key or whole}: {message}" + (f"; got {e['input']!r}" if e["loc"] else ""))
 
 
 def set_dotted(tree: dict, key: str, value: Any, keys: list[str]) -> None:

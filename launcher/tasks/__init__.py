@@ -191,21 +191,10 @@ def _options_error(err: ValidationError, model: type, task_name: str) -> UsageEr
     key = f"task.options.{loc}" if loc else "task.options"
     if e["type"] in _UNKNOWN:
         return _unknown(loc, list(option_fields(model)), task_name)
-    if e["type"] == "launcher":  # config_cli.problem(message, at) from a validator
-        return UsageError(f"{key}{e['ctx']['at']}: {e['ctx']['message']}")
     if e["type"] in ("missing", "missing_argument"):
         return UsageError(f"{key}: task {task_name} needs this option; set it in the recipe (task: options: "
                           f"{{{loc}: ...}}) or with --{key}=VALUE")
-    cause = (e.get("ctx") or {}).get("error")
-    if isinstance(cause, UsageError):  # raised as is by a validator
-        return cause
-    if isinstance(cause, Exception):  # a plain ValueError or assert in a validator: its own words
-        return UsageError(f"{key}: {cause}")
-    info = config_cli.field_at(model, e["loc"])
-    if e["type"] in config_cli.BOUND_ERRORS and info is not None:
-        return UsageError(f"{key}: {config_cli.expected(info)}; got {e['input']!r}")
-    message = e["msg"][:1].lower() + e["msg"][1:]
-    return UsageError(f"{key}: {message}" + (f"; got {e['input']!r}" if loc else ""))
+    return config_cli.value_problem(e, model, key, "task.options")
 
 
 def check_options(task_name: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
