@@ -61,6 +61,7 @@ from launcher.output import main_print
 from launcher.resharding import (
     check_world_size,
     distributed_type,
+    engine_layout,
     global_batch,
     load_other_world_size,
     rng_file,
@@ -237,7 +238,7 @@ class Checkpointer:
             _write_json(os.path.join(tmp, "meta.json"), {
                 "format_version": FORMAT_VERSION, "step": step, "epoch": epoch, "reason": reason,
                 "metrics": metrics or {}, "world_size": acc.num_processes,
-                "distributed_type": distributed_type(acc), "compat": self.compat,
+                "distributed_type": distributed_type(acc), **engine_layout(acc), "compat": self.compat,
                 "param_shapes": param_shapes(self.model)})
         if self.on_save is not None and self.is_main:
             self.on_save(step, tmp)
@@ -255,7 +256,8 @@ class Checkpointer:
     def _check_finite(self, step: int) -> None:
         """Refuse to checkpoint NaN/inf weights (they would replace a good checkpoint in the rotation)."""
         acc = self.accelerator
-        params = [p.detach() for p in self.model.parameters() if p.numel()]
+        # Each rank checks what it holds (FSDP2: its shards of the DTensors), the sum says if any is bad.
+        params = [p for p in (_local(p.detach()) for p in self.model.parameters()) if p.numel()]
         bad = torch.stack([~torch.isfinite(p).all() for p in params]).any().float().reshape(1) if params \
             else torch.zeros(1, device=acc.device)
         if acc.num_processes > 1:
@@ -329,7 +331,7 @@ class Checkpointer:
         same = meta["world_size"] == acc.num_processes
         if same:
             acc.load_state(path)
-        else:  # replicated or DeepSpeed ZeRO-1/2 state (check_compatible refuses other sharded state)
+        else:  # replicated, FSDP's DCP shards or DeepSpeed ZeRO-1/2 (check_compatible refuses the rest)
             load_other_world_size(acc, self.model, self.optimizer, path)
         set_rng_state(torch.load(rng_file(path, acc.process_index, same), weights_only=True))
         with open(os.path.join(path, "state.json")) as f:
@@ -338,6 +340,10 @@ class Checkpointer:
         self.last_saved = path
         return state
 
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) parameter; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def cli() -> None:

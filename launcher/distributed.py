@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 __all__ = ["agree", "describe_device", "describe_engine", "engine_input_dtype", "is_deepspeed", "make_accelerator",
            "shutdown"]
 
+FSDP_NEEDS_GPU = True
+"""Refuse FSDP without GPUs. Accelerate turns FSDP on only for GPU-like devices; tests/fsdp_cpu.py lifts
+that gate and this one to run the FSDP code path on CPU processes."""
+
 
 def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_plugin=None,
                      fsdp_plugin=None) -> Accelerator:
@@ -61,7 +65,7 @@ def make_accelerator(train: TrainConfig, clip_grad_norm: float = 0.0, deepspeed_
         mixed_precision = resolve_mixed_precision(train.mixed_precision, has_gpu)
         if expected == 1:
             check_single_process_launch()
-        if use_fsdp and not has_gpu:
+        if use_fsdp and not has_gpu and FSDP_NEEDS_GPU:
             raise UsageError("FSDP needs GPUs (without them Accelerate silently falls back to plain data parallel); "
                              f"on CPU use `{CPU_DDP_HINT}` or accelerate_configs/cpu_deepspeed_zero2.yaml")
         if use_deepspeed and not has_gpu:

@@ -18,8 +18,15 @@ What is loaded, by how the state was saved:
   supported"). On another count the checkpoint is converted to DeepSpeed's universal format
   (`deepspeed.checkpoint.ds_to_universal`, into `checkpoints/.universal-step_N/`, removed after
   loading; the original is only read) and loaded with the engine's `load_universal_checkpoint`.
-- ZeRO-3 and FSDP: parameters are sharded too; they resume on the process count that wrote them
-  (the refusal says so).
+- FSDP (1 or 2) with `fsdp_state_dict_type: SHARDED_STATE_DICT`: Accelerate writes the model and
+  the optimizer with `torch.distributed.checkpoint` (DCP: per-rank shard files plus a `.metadata` of
+  which slice of which tensor is where). DCP reads, on each rank of the new count, exactly the slices
+  that rank's shards cover, so the same `load_fsdp_model` / `load_fsdp_optimizer` that resume on the
+  same count reshard on another. FULL_STATE_DICT (whole files) loads on any count too. LOCAL_STATE_DICT
+  (each rank's flat shard) does not, and a checkpoint of another state dict type than this run's is
+  refused either way (Accelerate looks for the files of this run's type).
+- ZeRO-3: parameters are sharded too; it resumes on the process count that wrote it (the refusal
+  says so).
 
 RNG states: with the same world size each rank gets its own back; on another world size every rank
 gets rank 0's, as every rank starts a fresh run from the same seed.
@@ -79,6 +86,9 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     old_kind = meta.get("distributed_type") or ("NO" if old_n == 1 else "UNRECORDED")
     new_kind = distributed_type(accelerator)
     universal = old_kind == new_kind == "DEEPSPEED" and deepspeed_zero_stage(accelerator) in UNIVERSAL_ZERO_STAGES
+    if old_kind == new_kind == "FSDP":
+        check_fsdp_layout(name, meta, accelerator)
+        universal = meta.get("fsdp_state_dict_type") in RESHARDABLE_FSDP
     if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED) and not universal:
         raise UsageError(
             f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es) and cannot be "
@@ -105,16 +115,46 @@ UNIVERSAL_PREFIX = ".universal-"
 """`checkpoints/.universal-step_N/`: the converted copy, removed once loaded (the original is only read)."""
 
 
+RESHARDABLE_FSDP = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+"""FSDP state dict types whose files load on any process count: DCP shards, whole files."""
+
+
+def fsdp_state_dict_type(accelerator) -> str | None:
+    """The FSDP plugin's state dict type by name (e.g. "SHARDED_STATE_DICT"); None outside FSDP."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) if distributed_type(accelerator) == "FSDP" else None
+    kind = getattr(plugin, "state_dict_type", None)
+    return None if kind is None else getattr(kind, "name", str(kind))
+
+
+def engine_layout(accelerator) -> dict[str, Any]:
+    """How the engine lays its state out on disk, for meta.json (empty for replicated state)."""
+    kind = fsdp_state_dict_type(accelerator)
+    return {"fsdp_state_dict_type": kind} if kind else {}
+
+
+def check_fsdp_layout(name: str, meta: dict[str, Any], accelerator) -> None:
+    """UsageError unless an FSDP checkpoint was saved as this run saves (Accelerate loads the files of
+    this run's `fsdp_state_dict_type`)."""
+    saved, now = meta.get("fsdp_state_dict_type"), fsdp_state_dict_type(accelerator)
+    if saved is not None and saved != now:
+        raise UsageError(f"--resume: {name} holds FSDP state saved as {saved}, and this run's accelerate config "
+                         f"saves {now}: resume with fsdp_state_dict_type: {saved} in the config")
+
+
 def deepspeed_zero_stage(accelerator) -> int | None:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return None if plugin is None else int(plugin.zero_stage)
 
 
 def load_other_world_size(accelerator, model: torch.nn.Module, optimizer, path: str) -> None:
-    """Load state written by another number of processes: whole-model files (one process, DDP) or, under
-    DeepSpeed ZeRO-1/2, the checkpoint converted to DeepSpeed's universal format."""
-    if distributed_type(accelerator) == "DEEPSPEED":
+    """Load state written by another number of processes: whole-model files (one process, DDP), FSDP's
+    DCP shards resharded on load, or, under DeepSpeed ZeRO-1/2, the checkpoint converted to DeepSpeed's
+    universal format."""
+    kind = distributed_type(accelerator)
+    if kind == "DEEPSPEED":
         load_deepspeed_universal(accelerator, model, path)
+    elif kind == "FSDP":
+        load_fsdp(accelerator, model, optimizer, path)
     else:
         load_replicated(accelerator, model, optimizer, path)
 
@@ -169,6 +209,29 @@ def load_deepspeed_universal(accelerator, engine, path: str) -> None:
         raise UsageError(f"--resume: DeepSpeed found no universal checkpoint in {work}")
 
 
+def load_fsdp(accelerator, model: torch.nn.Module, optimizer, path: str) -> None:
+    """FSDP model and optimizer state written by another number of processes, on every rank.
+
+    What `accelerator.load_state` does for them, without its per-rank files (RNG, sampler) that only
+    exist for the ranks that wrote them: with SHARDED_STATE_DICT, DCP loads into this run's shards
+    whatever slices of the saved tensors they cover; with FULL_STATE_DICT, the whole tensors are
+    loaded and sharded again.
+    """
+    from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
+
+    plugin = accelerator.state.fsdp_plugin
+    load_fsdp_model(plugin, accelerator, model, path)
+    load_fsdp_optimizer(plugin, accelerator, optimizer, model, path)
+    _load_scaler(accelerator, path)
+
+
+def _load_scaler(accelerator, path: str) -> None:
+    scaler = getattr(accelerator, "scaler", None)
+    scaler_file = os.path.join(path, "scaler.pt")
+    if scaler is not None and os.path.isfile(scaler_file):
+        scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
         model = getattr(model, "_orig_mod", None) or model.module
@@ -197,10 +260,7 @@ def load_replicated(accelerator, model: torch.nn.Module, optimizer, path: str) -
     _unwrap(model).load_state_dict(_strip(state))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu",
                                          weights_only=True))
-    scaler = getattr(accelerator, "scaler", None)
-    scaler_file = os.path.join(path, "scaler.pt")
-    if scaler is not None and os.path.isfile(scaler_file):
-        scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))
+    _load_scaler(accelerator, path)
 
 
 def rng_file(path: str, process_index: int, same_world_size: bool) -> str:

@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DDP = str(ROOT / "accelerate_configs" / "cpu_ddp.yaml")
+FSDP_CPU = str(ROOT / "tests" / "configs" / "fsdp_cpu.yaml")
+"""FSDP2, SHARDED_STATE_DICT, on CPU processes: launch `-m fsdp_cpu MODULE` with it (tests/fsdp_cpu.py)."""
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 # Small, fast MNIST-1D settings for tests that only need the plumbing.
@@ -83,6 +85,14 @@ def train_ddp(*args: str, num_processes: int = 2, module: str = "launcher.train"
         target = recording_exits(module)
     cmd = [*ACCELERATE, "--config_file", CPU_DDP, "--num_processes", str(num_processes), *target, *args]
     return run(cmd, cwd=cwd, timeout=timeout, **extra_env)
+
+
+def train_fsdp(*args: str, num_processes: int = 2, config: str = FSDP_CPU, timeout: int = 300,
+               **extra_env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of launcher.train with Accelerate's FSDP (tests/fsdp_cpu.py) on CPU processes."""
+    cmd = [*ACCELERATE, "--config_file", config, "--num_processes", str(num_processes), "-m", "fsdp_cpu",
+           "launcher.train", *args]
+    return run(cmd, timeout=timeout, **extra_env)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, assert_usage_error, read_metrics, train, train_ddp
+from helpers import TINY, assert_usage_error, read_metrics, train, train_ddp, train_fsdp
 
 BASE = ["--recipe", "recipes/mnist1d_fast.yaml", *TINY, "--train.num_epochs=4", "--checkpoint.every_n_steps=5"]
 ONE = [*BASE, "--train.batch_size=32"]
@@ -113,6 +113,48 @@ def test_new_global_batch_is_refused_then_continued_with_the_flag(tmp_path):
     assert summary["status"] == "completed" and summary["final_step"] == 42
 
 
+def test_fsdp_sharded_state_resumes_on_another_process_count_through_dcp(tmp_path):
+    """FSDP2 with SHARDED_STATE_DICT (tests/fsdp_cpu.py: Accelerate's FSDP on gloo processes): the
+    checkpoint is DCP shards, one file per rank. Killed after step 23 on 2 processes x 16, it resumes
+    from step 20 on 1 process, with the command that started it (DCP reads the 2 shards into the one
+    process's whole tensors), and the run follows the uninterrupted 1-process (non-FSDP) run within
+    float rounding; 1 x 32 -> 2 x 16 the same. On the same process count it continues bit for bit."""
+    import shutil
+
+    ref, fsdp_ref = tmp_path / "ref", tmp_path / "fsdp-ref"
+    assert train(*ONE, "--output_dir", str(ref)).returncode == 0
+    done = train_fsdp(*TWO, "--output_dir", str(fsdp_ref))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fsdp: version 2" in done.stdout
+    print(f"FSDP 2 x 16 against 1 x 32: max relative loss difference {assert_follows(fsdp_ref, ref):.2e}")
+
+    two, same = tmp_path / "two-to-one", tmp_path / "two-to-two"
+    assert train_fsdp(*TWO, "--output_dir", str(two), LAUNCHER_TEST_KILL_AT_STEP="23").returncode != 0
+    checkpoint = two / "checkpoints" / "step_00000020"
+    assert sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").iterdir()) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shutil.copytree(two, same)
+    resumed = train_fsdp(*TWO, "--output_dir", str(two), "--resume", "auto", num_processes=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train.batch_size 16 -> 32 per device keeps the checkpoint's global batch of 32" in resumed.stdout
+    assert f"resumed from {checkpoint}: step 20, epoch 1 + 4 steps; 2 -> 1 process(es), global batch 32 kept" \
+        in resumed.stdout
+    print(f"FSDP 2 -> 1: max relative loss difference {assert_follows(two, ref):.2e}")
+
+    one = tmp_path / "one-to-two"
+    assert train_fsdp(*ONE, "--output_dir", str(one), num_processes=1, LAUNCHER_TEST_KILL_AT_STEP="23").returncode != 0
+    resumed = train_fsdp(*ONE, "--output_dir", str(one), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 -> 2 process(es), global batch 32 kept" in resumed.stdout
+    print(f"FSDP 1 -> 2: max relative loss difference {assert_follows(one, ref):.2e}")
+
+    resumed = train_fsdp(*TWO, "--output_dir", str(same), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = ("step", "lr", "train/loss", "val/loss")
+    assert [[r.get(k) for k in keys] for part in rows(same) for r in part] == \
+        [[r.get(k) for k in keys] for part in rows(fsdp_ref) for r in part]
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_format(tmp_path):
     """ZeRO-2 optimizer state is partitioned per process. 2 -> 1: the checkpoint is converted to
@@ -173,20 +215,46 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
 
 
 @pytest.mark.parametrize(("kind", "stage", "refused"), [
-    ("DEEPSPEED", 2, False), ("DEEPSPEED", 1, False), ("DEEPSPEED", 3, True), ("FSDP", None, True)])
-def test_sharded_state_on_another_process_count_is_refused_unless_zero_1_or_2(kind, stage, refused):
-    """ZeRO-1/2 goes through DeepSpeed's universal format; ZeRO-3 and FSDP shard the parameters too."""
+    ("DEEPSPEED", 2, False), ("DEEPSPEED", 1, False), ("DEEPSPEED", 3, True), ("FSDP", "SHARDED_STATE_DICT", False),
+    ("FSDP", "FULL_STATE_DICT", False), ("FSDP", "LOCAL_STATE_DICT", True), ("FSDP", None, True)])
+def test_sharded_state_on_another_process_count_is_refused_unless_it_reshards(kind, stage, refused):
+    """ZeRO-1/2 goes through DeepSpeed's universal format and FSDP's DCP shards or whole files load on any
+    count; ZeRO-3, FSDP's per-rank LOCAL_STATE_DICT and FSDP checkpoints that predate the recorded state
+    dict type resume only on the count that wrote them."""
     from types import SimpleNamespace
 
     from launcher.errors import UsageError
     from launcher.resharding import check_world_size
 
-    plugin = SimpleNamespace(zero_stage=stage) if stage else None
-    acc = SimpleNamespace(num_processes=1, distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+    plugin = SimpleNamespace(zero_stage=stage) if kind == "DEEPSPEED" else None
+    fsdp = SimpleNamespace(state_dict_type=SimpleNamespace(name=stage)) if kind == "FSDP" else None
+    acc = SimpleNamespace(num_processes=1, distributed_type=kind,
+                          state=SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=fsdp))
     compat = {"train.batch_size": 16, "train.grad_accum_steps": 2}
     meta = {"world_size": 2, "distributed_type": kind, "compat": {**compat, "train.batch_size": 8}}
+    if kind == "FSDP" and stage:
+        meta["fsdp_state_dict_type"] = stage
     if refused:
         with pytest.raises(UsageError, match=f"step_00000010 holds {kind} state sharded over 2 process"):
             check_world_size("step_00000010", meta, compat, acc)
     else:
         assert check_world_size("step_00000010", meta, compat, acc) == "2 -> 1 process(es), global batch 32 kept"
+
+
+def test_fsdp_state_saved_as_another_state_dict_type_is_refused():
+    """Accelerate loads the files of this run's `fsdp_state_dict_type`: a checkpoint saved as the other
+    one is refused with the setting that loads it, on any process count."""
+    from types import SimpleNamespace
+
+    from launcher.errors import UsageError
+    from launcher.resharding import check_world_size
+
+    fsdp = SimpleNamespace(state_dict_type=SimpleNamespace(name="SHARDED_STATE_DICT"))
+    acc = SimpleNamespace(num_processes=2, distributed_type="FSDP", state=SimpleNamespace(fsdp_plugin=fsdp))
+    compat = {"train.batch_size": 16, "train.grad_accum_steps": 1}
+    meta = {"world_size": 2, "distributed_type": "FSDP", "fsdp_state_dict_type": "FULL_STATE_DICT", "compat": compat}
+    with pytest.raises(UsageError, match="step_00000010 holds FSDP state saved as FULL_STATE_DICT, and this run's "
+                       "accelerate config saves SHARDED_STATE_DICT: resume with fsdp_state_dict_type: FULL_STATE_DICT"):
+        check_world_size("step_00000010", meta, compat, acc)
+    assert check_world_size("step_00000010", {**meta, "fsdp_state_dict_type": "SHARDED_STATE_DICT"}, compat, acc) \
+        is None
