@@ -331,7 +331,7 @@ class Checkpointer:
         same = meta["world_size"] == acc.num_processes
         if same:
             acc.load_state(path)
-        else:  # replicated, FSDP's DCP shards or DeepSpeed ZeRO-1/2 (check_compatible refuses the rest)
+        else:  # replicated, FSDP's DCP shards or DeepSpeed ZeRO (check_compatible refuses the rest)
             load_other_world_size(acc, self.model, self.optimizer, path)
         set_rng_state(torch.load(rng_file(path, acc.process_index, same), weights_only=True))
         with open(os.path.join(path, "state.json")) as f:

@@ -12,21 +12,19 @@ What is loaded, by how the state was saved:
 - replicated (one process, DDP): `model.safetensors` and `optimizer.bin` hold the whole model and
   optimizer whatever the world size; they are loaded into the unwrapped model (DDP's `module.`
   prefix removed or not there) and the optimizer, on every rank.
-- DeepSpeed ZeRO-1/2: every rank's optimizer partition is laid out for the process count that wrote
-  it, and DeepSpeed 0.19 refuses to load the partitions on another data-parallel size ("Automatic
+- DeepSpeed ZeRO-1/2/3: every rank's optimizer partition (ZeRO-3: its parameter partition too) is
+  laid out for the process count that wrote it, and DeepSpeed 0.19 refuses to load the partitions on another data-parallel size ("Automatic
   adjustment of ZeRO's optimizer state partitioning with a new world size is not currently
   supported"). On another count the checkpoint is converted to DeepSpeed's universal format
   (`deepspeed.checkpoint.ds_to_universal`, into `checkpoints/.universal-step_N/`, removed after
   loading; the original is only read) and loaded with the engine's `load_universal_checkpoint`.
-- FSDP (1 or 2) with `fsdp_state_dict_type: SHARDED_STATE_DICT`: Accelerate writes the model and
+- FSDP with `fsdp_state_dict_type: SHARDED_STATE_DICT` (measured with FSDP2): Accelerate writes the model and
   the optimizer with `torch.distributed.checkpoint` (DCP: per-rank shard files plus a `.metadata` of
   which slice of which tensor is where). DCP reads, on each rank of the new count, exactly the slices
   that rank's shards cover, so the same `load_fsdp_model` / `load_fsdp_optimizer` that resume on the
   same count reshard on another. FULL_STATE_DICT (whole files) loads on any count too. LOCAL_STATE_DICT
   (each rank's flat shard) does not, and a checkpoint of another state dict type than this run's is
   refused either way (Accelerate looks for the files of this run's type).
-- ZeRO-3: parameters are sharded too; it resumes on the process count that wrote it (the refusal
-  says so).
 
 RNG states: with the same world size each rank gets its own back; on another world size every rank
 gets rank 0's, as every rank starts a fresh run from the same seed.
@@ -86,6 +84,9 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     old_kind = meta.get("distributed_type") or ("NO" if old_n == 1 else "UNRECORDED")
     new_kind = distributed_type(accelerator)
     universal = old_kind == new_kind == "DEEPSPEED" and deepspeed_zero_stage(accelerator) in UNIVERSAL_ZERO_STAGES
+    if universal and meta.get("zero_stage") not in (None, deepspeed_zero_stage(accelerator)):
+        raise UsageError(f"--resume: {name} holds DeepSpeed ZeRO-{meta['zero_stage']} state and this run uses "
+                         f"ZeRO-{deepspeed_zero_stage(accelerator)}: resume with the DeepSpeed config that wrote it")
     if old_kind == new_kind == "FSDP":
         check_fsdp_layout(name, meta, accelerator)
         universal = meta.get("fsdp_state_dict_type") in RESHARDABLE_FSDP
@@ -109,8 +110,9 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     return f"{old_n} -> {new_n} process(es), global batch {new_gb} kept"
 
 
-UNIVERSAL_ZERO_STAGES = (1, 2)
-"""ZeRO stages whose checkpoints resume on another process count through DeepSpeed's universal format."""
+UNIVERSAL_ZERO_STAGES = (1, 2, 3)
+"""ZeRO stages whose checkpoints resume on another process count through DeepSpeed's universal format
+(stage 3 measured 2 -> 1 with two fixes after loading, `load_deepspeed_universal`)."""
 UNIVERSAL_PREFIX = ".universal-"
 """`checkpoints/.universal-step_N/`: the converted copy, removed once loaded (the original is only read)."""
 
@@ -128,8 +130,8 @@ def fsdp_state_dict_type(accelerator) -> str | None:
 
 def engine_layout(accelerator) -> dict[str, Any]:
     """How the engine lays its state out on disk, for meta.json (empty for replicated state)."""
-    kind = fsdp_state_dict_type(accelerator)
-    return {"fsdp_state_dict_type": kind} if kind else {}
+    kind, stage = fsdp_state_dict_type(accelerator), deepspeed_zero_stage(accelerator)
+    return {**({"fsdp_state_dict_type": kind} if kind else {}), **({"zero_stage": stage} if stage is not None else {})}
 
 
 def check_fsdp_layout(name: str, meta: dict[str, Any], accelerator) -> None:
@@ -148,7 +150,7 @@ def deepspeed_zero_stage(accelerator) -> int | None:
 
 def load_other_world_size(accelerator, model: torch.nn.Module, optimizer, path: str) -> None:
     """Load state written by another number of processes: whole-model files (one process, DDP), FSDP's
-    DCP shards resharded on load, or, under DeepSpeed ZeRO-1/2, the checkpoint converted to DeepSpeed's
+    DCP shards resharded on load, or, under DeepSpeed ZeRO, the checkpoint converted to DeepSpeed's
     universal format."""
     kind = distributed_type(accelerator)
     if kind == "DEEPSPEED":
@@ -160,7 +162,7 @@ def load_other_world_size(accelerator, model: torch.nn.Module, optimizer, path: 
 
 
 def load_deepspeed_universal(accelerator, engine, path: str) -> None:
-    """DeepSpeed's own way to change the data-parallel degree of a ZeRO-1/2 checkpoint.
+    """DeepSpeed's own way to change the data-parallel degree of a ZeRO checkpoint.
 
     The main process converts `<path>/pytorch_model` (the engine's shards, as `accelerator.save_state`
     writes them) with `deepspeed.checkpoint.ds_to_universal` into `checkpoints/.universal-<step>/`
@@ -198,8 +200,21 @@ def load_deepspeed_universal(accelerator, engine, path: str) -> None:
                          f"process count that wrote it")
     config = engine._config
     config.load_universal_checkpoint = True
+    inner = getattr(getattr(engine, "optimizer", None), "optimizer", None)  # the torch optimizer ZeRO steps
+    groups = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in getattr(inner, "param_groups", [])]
     try:
         load_path, _ = engine.load_checkpoint(work, tag=tag)
+        # Two things ZeRO-3's universal load gets wrong (DeepSpeed 0.19.8,
+        # stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), both measured here:
+        # - every param group gets the first group's saved hyperparameters (weight decay on the
+        #   no-decay group); they are this run's recipe values (the recipe check made sure): put back;
+        # - every group's Adam `step` is one and the same tensor, which the fused/foreach step then
+        #   increments once per group: each group gets its own copy.
+        for group, saved in zip(inner.param_groups if groups else [], groups):
+            group.update(saved)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     finally:
         config.load_universal_checkpoint = False
         accelerator.wait_for_everyone()

@@ -76,6 +76,8 @@ EXPECTED = {  # config: (launcher, total processes, machines, extra env that mus
     "deepspeed_zero3.yaml": ("deepspeed", 8, 1, {"ACCELERATE_USE_DEEPSPEED": "true",
                                                  "ACCELERATE_DEEPSPEED_CONFIG_FILE": "accelerate_configs/deepspeed/zero3.json"}),
     "cpu_deepspeed_zero2.yaml": ("deepspeed", 2, 1, {"ACCELERATE_USE_DEEPSPEED": "true"}),
+    "cpu_deepspeed_zero3.yaml": ("deepspeed", 2, 1, {"ACCELERATE_USE_DEEPSPEED": "true",
+                                                     "ACCELERATE_DEEPSPEED_CONFIG_FILE": "accelerate_configs/deepspeed/zero3.json"}),
 }
 
 
@@ -99,7 +101,7 @@ def test_config_launches_what_its_header_says(name, monkeypatch):
 
 def test_deepspeed_configs_leave_precision_to_the_command_line():
     # Accelerate refuses mixed_precision in an accelerate config that names a deepspeed_config_file.
-    for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "cpu_deepspeed_zero2.yaml"):
+    for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "cpu_deepspeed_zero2.yaml", "cpu_deepspeed_zero3.yaml"):
         assert "mixed_precision" not in yaml.safe_load((CONFIGS / name).read_text()), name
 
 

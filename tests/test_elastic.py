@@ -156,8 +156,9 @@ def test_fsdp_sharded_state_resumes_on_another_process_count_through_dcp(tmp_pat
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_format(tmp_path):
-    """ZeRO-2 optimizer state is partitioned per process. 2 -> 1: the checkpoint is converted to
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_resumes_on_another_process_count_through_the_universal_format(tmp_path, stage):
+    """ZeRO-2 partitions the optimizer state per process, ZeRO-3 the parameters too. 2 -> 1: the checkpoint is converted to
     DeepSpeed's universal format (a copy, removed after loading; the original is only read) and the
     run continues with the LR column of the uninterrupted run and losses within float rounding;
     2 -> 2 continues bit for bit. The 1-process resume is launched as the job was (batch 8 per device),
@@ -173,7 +174,7 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
 
     def launch(*extra: str, num_processes: int = 2, per_device: int | None = None, **env: str):
         batch = f"--train.batch_size={per_device or 16 // num_processes}"  # global batch 16 x 2 accumulation = 32
-        return run([*ACCELERATE, "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes",
+        return run([*ACCELERATE, "--config_file", f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml", "--num_processes",
                     str(num_processes), *recording_exits("launcher.train"), *args, batch, *extra], timeout=900, **env)
 
     ref, run_dir, same = tmp_path / "ref", tmp_path / "run", tmp_path / "same"
@@ -204,7 +205,7 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
     worst = max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(steps + evals, ref_steps + ref_evals)
                 for k in ("train/loss", "val/loss") if k in b)
     assert worst < 1e-4
-    print(f"DeepSpeed ZeRO-2 2 -> 1: max relative loss difference {worst:.2e}")
+    print(f"DeepSpeed ZeRO-{stage} 2 -> 1: max relative loss difference {worst:.2e}")
 
     resumed = launch("--output_dir", str(same), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -215,12 +216,12 @@ def test_deepspeed_zero2_resumes_on_another_process_count_through_the_universal_
 
 
 @pytest.mark.parametrize(("kind", "stage", "refused"), [
-    ("DEEPSPEED", 2, False), ("DEEPSPEED", 1, False), ("DEEPSPEED", 3, True), ("FSDP", "SHARDED_STATE_DICT", False),
+    ("DEEPSPEED", 2, False), ("DEEPSPEED", 1, False), ("DEEPSPEED", 3, False), ("FSDP", "SHARDED_STATE_DICT", False),
     ("FSDP", "FULL_STATE_DICT", False), ("FSDP", "LOCAL_STATE_DICT", True), ("FSDP", None, True)])
 def test_sharded_state_on_another_process_count_is_refused_unless_it_reshards(kind, stage, refused):
-    """ZeRO-1/2 goes through DeepSpeed's universal format and FSDP's DCP shards or whole files load on any
-    count; ZeRO-3, FSDP's per-rank LOCAL_STATE_DICT and FSDP checkpoints that predate the recorded state
-    dict type resume only on the count that wrote them."""
+    """ZeRO-1/2/3 go through DeepSpeed's universal format and FSDP's DCP shards or whole files load on any
+    count; FSDP's per-rank LOCAL_STATE_DICT and FSDP checkpoints that predate the recorded state dict type
+    resume only on the count that wrote them."""
     from types import SimpleNamespace
 
     from launcher.errors import UsageError
@@ -258,3 +259,20 @@ def test_fsdp_state_saved_as_another_state_dict_type_is_refused():
         check_world_size("step_00000010", meta, compat, acc)
     assert check_world_size("step_00000010", {**meta, "fsdp_state_dict_type": "SHARDED_STATE_DICT"}, compat, acc) \
         is None
+
+
+def test_deepspeed_state_of_another_zero_stage_is_refused_on_another_process_count():
+    from types import SimpleNamespace
+
+    from launcher.errors import UsageError
+    from launcher.resharding import check_world_size
+
+    acc = SimpleNamespace(num_processes=1, distributed_type="DEEPSPEED",
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    compat = {"train.batch_size": 16, "train.grad_accum_steps": 1}
+    meta = {"world_size": 2, "distributed_type": "DEEPSPEED", "zero_stage": 2,
+            "compat": {**compat, "train.batch_size": 8}}
+    with pytest.raises(UsageError, match="step_00000010 holds DeepSpeed ZeRO-2 state and this run uses ZeRO-3"):
+        check_world_size("step_00000010", meta, compat, acc)
+    assert check_world_size("step_00000010", {**meta, "zero_stage": 3}, compat, acc) == \
+        "2 -> 1 process(es), global batch 16 kept"
