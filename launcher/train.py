@@ -55,7 +55,7 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         if os.path.basename(parent) == "checkpoints":
             output_dir = os.path.dirname(parent)
     check_dir(output_dir or "runs", "--output_dir")
-    check_task(cfg)
+    task = check_task(cfg)
 
     from launcher.distributed import make_accelerator, shutdown
 
@@ -65,7 +65,7 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         run_dir, created = _claim_run_dir(accelerator, cfg.name or "run", output_dir, resume)
         from launcher.trainer import Trainer
 
-        trainer = Trainer(cfg, run_dir, accelerator, resume=resume, new_global_batch=new_global_batch)
+        trainer = Trainer(cfg, run_dir, accelerator, resume=resume, new_global_batch=new_global_batch, task=task)
     except BaseException:
         if created and accelerator.is_main_process:
             shutil.rmtree(created, ignore_errors=True)  # a run that never started leaves nothing behind
@@ -122,11 +122,12 @@ def validation_metric_names(task) -> set[str]:
     from torch.utils.data import DataLoader
 
     loader = DataLoader(task.val_set, batch_size=min(2, len(task.val_set)), collate_fn=task.collate_fn)
-    inputs, targets = task.split(next(iter(loader)))
     model = task.model
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    # The loader draws a seed from torch's RNG: the trainer goes on with the task, and its RNG, as built.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        inputs, targets = task.split(next(iter(loader)))
         values = task.metrics(model(inputs), targets)
     model.train(was_training)
     names = set(values)
@@ -135,17 +136,19 @@ def validation_metric_names(task) -> set[str]:
     return {f"val/{name}" for name in names}
 
 
-def check_task(cfg: Config) -> None:
+def check_task(cfg: Config):
     """Checks that need the task, done before any run directory exists: data.root, the plateau metric
-    and the target metric must name what this task's evaluation reports."""
+    and the target metric must name what this task's evaluation reports. Returns the task if it had
+    to be built for that (`seeded_task`, for the trainer to use), else None."""
     check_data_root(cfg)
     plateau = cfg.schedule.plateau
     default_target = cfg.tracking.target_metric == TrackingConfig.target_metric
     if not plateau.enabled and (default_target or not cfg.tracking.targets):
-        return
-    from launcher.tasks import build_task
+        return None
+    from launcher.trainer import seeded_task
 
-    names = validation_metric_names(build_task(cfg.task, cfg.data))
+    task = seeded_task(cfg)
+    names = validation_metric_names(task)
     have = ", ".join(sorted(names))
     if plateau.enabled and plateau.metric not in names:
         raise UsageError(f"schedule.plateau.metric: {plateau.metric!r} is not a validation metric of task "
@@ -157,6 +160,7 @@ def check_task(cfg: Config) -> None:
                              f"{cfg.task.name!r}; use one of {have}")
         warn(f"tracking.target_metric {target!r} is not a validation metric of task {cfg.task.name!r} "
              f"({have}); summary.json records no targets")
+    return task
 
 
 def _first_missing(path: str) -> str | None:

@@ -79,12 +79,24 @@ class TrainState:
             setattr(self, k, v)
 
 
+def seeded_task(cfg: Config):
+    """The recipe's task, built right after seeding every RNG with `train.seed`: the initial weights
+    are a function of the seed alone. The trainer goes on from the RNG state this leaves."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return build_task(cfg.task, cfg.data)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str, accelerator=None, resume: str | None = None,
-                 hooks: list | None = None, quiet: bool = False, new_global_batch: bool = False):
+                 hooks: list | None = None, quiet: bool = False, new_global_batch: bool = False, task=None):
         """`hooks`: extra hooks (launcher.hooks) besides the recipe's; `quiet`: no progress lines (a tool
         driving the trainer, like the LR range test, prints its own); `new_global_batch`: continue a
-        checkpoint with another global batch (launcher.resharding)."""
+        checkpoint with another global batch (launcher.resharding); `task`: the recipe's task as
+        `seeded_task(cfg)` built it (and nothing has drawn from the RNGs since), else it is built here."""
         self.cfg = cfg
         self.quiet = quiet
         self.run_dir = run_dir
@@ -92,12 +104,7 @@ class Trainer:
         acc = self.accelerator
         self.is_main = acc.is_main_process
 
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.train.seed)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        self.task = build_task(cfg.task, cfg.data)
+        self.task = task if task is not None else seeded_task(cfg)
         # Chosen before the plan: on another process count the per-device batch follows the checkpoint's global batch.
         self.resume_path = resolve_resume(resume, os.path.join(run_dir, CHECKPOINTS), acc) if resume is not None else None
         cfg = self.cfg = cfg if new_global_batch else keep_global_batch(cfg, self.resume_path, acc)

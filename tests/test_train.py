@@ -99,6 +99,8 @@ def test_out_of_tree_task_plugin(tmp_path):
 
         def build(task, data):
             opts = check_options("blobs", task.options, {"n": 256})
+            with open("builds.log", "a") as f:  # how many times the launcher builds the task
+                f.write("built\\n")
             g = torch.Generator().manual_seed(0)
             centers = torch.randn(3, 8, generator=g) * 3
             y = torch.randint(0, 3, (opts["n"],), generator=g)
@@ -117,12 +119,15 @@ def test_out_of_tree_task_plugin(tmp_path):
     '''))
     recipe = tmp_path / "blobs.yaml"
     recipe.write_text("# blobs\ntask:\n  name: my_tasks:build\n  options:\n    n: 512\noptim:\n  lr: 0.05\n"
-                      "train:\n  num_epochs: 5\n  batch_size: 16\n")
+                      "train:\n  num_epochs: 5\n  batch_size: 16\nschedule:\n  plateau:\n    enabled: true\n")
     r = train("--recipe", str(recipe), "--output_dir", str(tmp_path / "out"), "--train.progress_bar=off", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "three gaussian blobs" in r.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["best"]["val/accuracy"]["value"] > 0.9
+    # The plateau metric is checked against the task's metrics before the run starts; the task built
+    # for that check is the one that trains.
+    assert (tmp_path / "builds.log").read_text() == "built\n"
     r = train("--recipe", str(recipe), "--task.options.m=3", cwd=tmp_path)
     assert_usage_error(r, "task.options.m")
     r = train("--recipe", str(recipe), "--task.name=missing_mod:build", cwd=tmp_path)
