@@ -8,8 +8,9 @@ FSDP2 (`fully_shard`) itself runs on CPU tensors over gloo, and so do Accelerate
 the launcher's real FSDP code path, with real sharded parameters and real per-rank DCP files, on CPU:
 
 - Accelerate's state: where an FSDP plugin was given but the device type came out as CPU (MULTI_CPU,
-  or NO for a single process), the type becomes FSDP, as it would on GPUs; a single process gets a
-  one-rank gloo process group, which FSDP2 needs (Accelerate starts none for one CPU process).
+  or NO for a single process), the type becomes FSDP and the plugin gets the mixed precision policy,
+  as on GPUs; a single process gets a one-rank gloo process group, which FSDP2 needs (Accelerate
+  starts none for one CPU process).
 - `launcher.distributed.FSDP_NEEDS_GPU` is switched off.
 
 Launch it with tests/configs/fsdp_cpu.yaml (distributed_type FSDP, so `accelerate launch` starts the
@@ -40,6 +41,8 @@ def enable() -> None:
         if not dist.is_initialized():
             dist.init_process_group("gloo")  # torchrun's env:// variables (accelerate launch sets them)
         self.distributed_type = DistributedType.FSDP
+        if self._mixed_precision != "no":  # what Accelerate's GPU branch does with the plugin
+            plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = plugin
         # Every AcceleratorState() copies PartialState's shared fields over its own (accelerate.state).
         state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
