@@ -349,7 +349,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def cli() -> None:
     from launcher.errors import run_cli
 
-    run_cli(main, name="launcher.checkpoint", positional=2)  # RUN_DIR, or verify RUN_DIR
+    run_cli(main, name="launcher.checkpoint", positional=2)  # RUN_DIR, or verify|export RUN_DIR
 
 
 if __name__ == "__main__":

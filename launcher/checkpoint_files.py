@@ -7,7 +7,8 @@ fsynced last; a folder without a valid manifest, or with a file whose size or SH
 it, is never loaded.
 
 List a run's checkpoints: `python -m launcher.checkpoint runs/NAME`; check every file against its
-hash: `python -m launcher.checkpoint verify runs/NAME` (exit 1 if any checkpoint is damaged).
+hash: `python -m launcher.checkpoint verify runs/NAME` (exit 1 if any checkpoint is damaged); the
+model weights as one file: `python -m launcher.checkpoint export runs/NAME` (launcher.checkpoint_export).
 """
 
 from __future__ import annotations
@@ -183,21 +184,32 @@ def _folder(run_dir: str) -> str:
     return folder
 
 
-def main(run_dir: str, target: str | None = None) -> None:
+def main(run_dir: str, target: str | None = None, output: str | None = None) -> None:
     """List the checkpoints of a run: step, epoch, why it was written, metrics, and whether it is usable.
 
     `python -m launcher.checkpoint RUN_DIR` lists them (files checked by size);
     `python -m launcher.checkpoint verify RUN_DIR` also checks every file against the SHA-256 in its
-    checkpoint's manifest and exits with status 1 if any checkpoint is damaged.
+    checkpoint's manifest and exits with status 1 if any checkpoint is damaged;
+    `python -m launcher.checkpoint export RUN_DIR|CHECKPOINT [--output FILE]` writes the model weights
+    of the newest intact (or the named) checkpoint as one safetensors file, whatever engine wrote them
+    (one process, DDP, FSDP, DeepSpeed ZeRO).
 
     Args:
-      run_dir: a run directory (holding checkpoints/) or its checkpoints/ folder; or `verify`.
-      target: with `verify`, the run directory.
+      run_dir: a run directory (holding checkpoints/) or its checkpoints/ folder; or `verify` or `export`.
+      target: with `verify`, the run directory; with `export`, a run directory or a step_N checkpoint.
+      output: with `export`, the file to write (default: RUN_DIR/model-step_N.safetensors; never overwritten).
     """
-    if run_dir == "verify" and target is not None:
+    if run_dir == "verify" and target is not None and output is None:
         raise SystemExit(verify(target))
-    if target is not None:
-        raise UsageError(f"unexpected argument {target!r}; use python -m launcher.checkpoint [verify] RUN_DIR")
+    if run_dir == "export" and target is not None:
+        from launcher.checkpoint_export import export
+
+        export(target, output)
+        return
+    if target is not None or output is not None:
+        extra = repr(target) if target is not None else "--output"
+        raise UsageError(f"unexpected argument {extra}; use python -m launcher.checkpoint [verify|export] RUN_DIR "
+                         f"(--output only with export)")
     folder = _folder(run_dir)
     rows = scan(folder)
     if not rows:

@@ -35,7 +35,10 @@ COMMANDS = {
     "find_lr": "LR range test: suggest optim.lr (several processes: --num_processes N)",
     "sweep": "train a grid of recipe values and compare the runs",
     "slurm": "render or submit a Slurm job for a recipe",
+    "checkpoint": "list, verify or export a run's checkpoints ([verify|export] RUN_DIR)",
 }
+POSITIONAL = {"checkpoint": 2}
+"""Subcommands that take bare words (`launcher checkpoint verify RUN_DIR`): how many."""
 LAUNCHED = ("train", "find_lr")
 """Subcommands that run under accelerate's launcher when given --num_processes or --config_file."""
 LAUNCH_FLAGS = ("num_processes", "config_file")
@@ -43,7 +46,8 @@ LAUNCH_FLAGS = ("num_processes", "config_file")
 
 def usage() -> str:
     lines = ["usage: launcher COMMAND [ARGS ...]   (launcher COMMAND --help for its flags)", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     lines += ["", "Recipe keys are flags of train, schedule, find_lr (and sweep): --optim.lr=0.005.",
               "Usage errors print one line and exit with status 2."]
     return "\n".join(lines)
@@ -90,7 +94,7 @@ def _dispatch(args: list[str]) -> int:
         return _call_cli(module, prog, rest)
     from launcher.errors import run_cli
 
-    run_cli(fn, name=prog, argv=rest)
+    run_cli(fn, name=prog, argv=rest, positional=POSITIONAL.get(command))
     if command in LAUNCHED and _wants_help(rest):
         print("\nlauncher options (before or after the others):\n"
               "  --num_processes N   run N processes under accelerate's launcher (CPU: gloo; GPU: one per device)\n"

@@ -321,3 +321,41 @@ def test_listing_and_verifying_checkpoints_needs_no_torch():
     code = "import sys, launcher.checkpoint_files; print('torch' in sys.modules)"
     proc = run([sys.executable, "-c", code])
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_export_writes_the_checkpoints_weights_as_one_file_and_refuses_to_overwrite(run_dir, tmp_path):
+    """`launcher.checkpoint export`: the newest intact checkpoint's model as safetensors, loadable into the
+    task's model as it is; an existing file and a damaged checkpoint are refused (exit 2), nothing written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from launcher.config import load_config
+    from launcher.tasks import build_task
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    total = json.loads((copy / "plan.json").read_text())["total_steps"]
+    newest = copy / "checkpoints" / f"step_{total:08d}"
+    result = run([sys.executable, "-m", "launcher.checkpoint", "export", str(copy)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = copy / f"model-step_{total:08d}.safetensors"
+    assert result.stdout.startswith(f"wrote {out}: ")
+    exported = load_file(str(out))
+    assert {k: v.tolist() for k, v in exported.items()} == \
+        {k: v.tolist() for k, v in load_file(str(newest / "model.safetensors")).items()}
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["step"] == str(total)
+    cfg = load_config(str(copy / "config.yaml"), {})
+    build_task(cfg.task, cfg.data).model.load_state_dict(exported)  # strict: the task model's own names
+
+    again = run([sys.executable, "-m", "launcher.checkpoint", "export", str(copy)], timeout=120)
+    assert_usage_error(again, f"export: {out} already exists; pass --output with a new file name")
+    assert load_file(str(out)).keys() == exported.keys()
+
+    flip_a_byte(newest / "model.safetensors")
+    damaged = run([sys.executable, "-m", "launcher.checkpoint", "export", str(newest), "--output",
+                   str(tmp_path / "m.safetensors")], timeout=120)
+    assert_usage_error(damaged, f"export: {newest} is not an intact checkpoint (model.safetensors does not match its "
+                       "SHA-256")
+    assert not (tmp_path / "m.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]

@@ -45,6 +45,28 @@ def assert_follows(run_dir: Path, ref: Path) -> float:
     return worst
 
 
+def exported(run_dir: Path) -> dict:
+    """The model weights of the run's newest checkpoint, through `launcher.checkpoint export`."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helpers import run
+
+    out = run_dir.parent / f"{run_dir.name}.safetensors"
+    result = run([sys.executable, "-m", "launcher.checkpoint", "export", str(run_dir), "--output", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(str(out))
+
+
+def assert_weights_close(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_resume_on_another_process_count_keeps_the_run(tmp_path):
     ref = tmp_path / "ref"
     assert train(*ONE, "--output_dir", str(ref)).returncode == 0
@@ -154,6 +176,12 @@ def test_fsdp_sharded_state_resumes_on_another_process_count_through_dcp(tmp_pat
     assert [[r.get(k) for k in keys] for part in rows(same) for r in part] == \
         [[r.get(k) for k in keys] for part in rows(fsdp_ref) for r in part]
 
+    # The final weights, gathered from the DCP shards by `launcher.checkpoint export`.
+    weights, fsdp = exported(ref), exported(fsdp_ref)
+    for other in (fsdp, exported(two), exported(one)):
+        assert_weights_close(other, weights)
+    assert {k: v.tolist() for k, v in exported(same).items()} == {k: v.tolist() for k, v in fsdp.items()}
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
@@ -213,6 +241,11 @@ def test_deepspeed_zero_resumes_on_another_process_count_through_the_universal_f
     assert [(r["step"], r["lr"], r["train/loss"]) for r in steps] == \
         [(r["step"], r["lr"], r["train/loss"]) for r in ref_steps]
     assert [(r["step"], r["val/loss"]) for r in evals] == [(r["step"], r["val/loss"]) for r in ref_evals]
+
+    # The final weights, gathered from the ZeRO partitions by `launcher.checkpoint export`.
+    weights = exported(ref)
+    assert_weights_close(exported(run_dir), weights)
+    assert {k: v.tolist() for k, v in exported(same).items()} == {k: v.tolist() for k, v in weights.items()}
 
 
 @pytest.mark.parametrize(("kind", "stage", "refused"), [

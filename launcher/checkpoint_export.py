@@ -1,0 +1,140 @@
+"""One checkpoint's model weights as a single safetensors file, whatever wrote them.
+
+    python -m launcher.checkpoint export runs/NAME                 # the newest intact checkpoint
+    python -m launcher.checkpoint export runs/NAME/checkpoints/step_00000480 --output model.safetensors
+
+A checkpoint holds the model as its engine saved it: whole files (one process, DDP), per-rank DCP
+shards (FSDP `SHARDED_STATE_DICT`), one whole file (FSDP `FULL_STATE_DICT`) or DeepSpeed ZeRO
+partitions. Export gathers them on one CPU process (no GPU, no process group) into the plain
+`state_dict` of the task's model: the names of `task.model.named_parameters()` (no `module.` or
+`_orig_mod.` prefix), fp32 where the checkpoint holds fp32 master weights. Load it with
+
+    task.model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+
+The checkpoint's files are checked against their hashes first; a damaged one is refused. Every
+parameter recorded in meta.json must come out with its recorded shape, or nothing is written. The
+file is written next to it under a temporary name and renamed into place; an existing file is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+
+from launcher.checkpoint_files import CHECKPOINTS, inspect, newest_intact
+from launcher.errors import UsageError
+
+__all__ = ["export", "model_state"]
+
+
+def _resolve(target: str):
+    """The intact checkpoint `target` names: a step_N folder, a run directory or its checkpoints/ folder."""
+    if os.path.isfile(os.path.join(target, "meta.json")) or os.path.isfile(os.path.join(target, "COMPLETE")):
+        ckpt, problem = inspect(target, verify=True)
+        if ckpt is None:
+            raise UsageError(f"export: {target} is not an intact checkpoint ({problem}); see python -m "
+                             f"launcher.checkpoint verify on its run directory")
+        return ckpt
+    folder = os.path.join(target, CHECKPOINTS) if os.path.isdir(os.path.join(target, CHECKPOINTS)) else target
+    if not os.path.isdir(folder):
+        raise UsageError(f"export: {target!r} is not a run directory or a checkpoint; pass e.g. runs/NAME or "
+                         f"runs/NAME/checkpoints/step_00000480")
+    ckpt, skipped = newest_intact(folder)
+    if ckpt is None:
+        why = f" (newest, {os.path.basename(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
+        raise UsageError(f"export: no intact checkpoint in {folder}{why}")
+    return ckpt
+
+
+def _strip(name: str) -> str:
+    for prefix in ("_orig_mod.", "module."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def model_state(path: str) -> dict:
+    """The model's whole state dict from the checkpoint folder `path`, on the CPU, in plain names."""
+    import torch
+
+    def load(file: str) -> dict:
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    if os.path.isfile(os.path.join(path, "model.safetensors")):  # one process, DDP
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(path, "model.safetensors"), device="cpu")
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        state = load(os.path.join(path, "pytorch_model.bin"))
+    elif os.path.isdir(os.path.join(path, "pytorch_model_fsdp_0")):  # FSDP SHARDED_STATE_DICT: DCP shards
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as scratch:
+            whole = os.path.join(scratch, "model.pt")
+            dcp_to_torch_save(os.path.join(path, "pytorch_model_fsdp_0"), whole)
+            state = load(whole)["model"]  # Accelerate saves {"model": model.state_dict()}
+    elif os.path.isfile(os.path.join(path, "pytorch_model_fsdp.bin")):  # FSDP FULL_STATE_DICT
+        state = load(os.path.join(path, "pytorch_model_fsdp.bin"))
+    elif os.path.isdir(os.path.join(path, "pytorch_model")):  # DeepSpeed ZeRO partitions
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks anyway, minus its warning
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise UsageError(f"export: {path} holds DeepSpeed ZeRO partitions; install DeepSpeed to gather "
+                             f"them (pip install 'launcher[deepspeed]')") from None
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(path, tag="pytorch_model")
+    else:
+        raise UsageError(f"export: {path} holds no model weights this launcher wrote (model.safetensors, "
+                         f"pytorch_model_fsdp_0/, pytorch_model/)")
+    return {_strip(k): v for k, v in state.items()}
+
+
+def export(target: str, output: str | None = None) -> str:
+    """Write the model weights of the checkpoint `target` names to `output` (default: next to the run's
+    checkpoints/, `model-step_N.safetensors`); returns the path written."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = _resolve(target)
+    name = os.path.basename(os.path.normpath(ckpt.path))
+    if output is None:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt.path)))
+        output = os.path.join(run_dir, f"model-{name}.safetensors")
+    if not isinstance(output, str) or not output.strip():
+        raise UsageError(f"--output needs a file name, e.g. --output model.safetensors; got {output!r}")
+    if os.path.exists(output):
+        raise UsageError(f"export: {output} already exists; pass --output with a new file name")
+    state = model_state(ckpt.path)
+    expected = ckpt.meta.get("param_shapes") or {}
+    wrong = [f"{k}: {'missing' if k not in state else list(state[k].shape)} (recorded {shape})"
+             for k, shape in sorted(expected.items()) if k not in state or list(state[k].shape) != shape]
+    if wrong:
+        raise RuntimeError(f"export: the weights gathered from {ckpt.path} do not match its recorded parameters "
+                           f"({'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}); nothing was written")
+    # Own, contiguous storage for every tensor (safetensors refuses tied weights that share it).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
+    task = {k: v for k, v in (ckpt.meta.get("compat") or {}).items() if k.startswith("task.")}
+    metadata = {"format": "pt", "step": str(ckpt.step), "checkpoint": os.path.abspath(ckpt.path),
+                "task": json.dumps(task, sort_keys=True)}
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.link(tmp, output)  # fails, rather than replacing, if the name was taken meanwhile
+    except FileExistsError:
+        raise UsageError(f"export: {output} already exists; pass --output with a new file name") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    values = sum(t.numel() for t in tensors.values())
+    print(f"wrote {output}: {len(tensors)} tensors, {values:,} values, from {ckpt.path} (step {ckpt.step})")
+    print(f"load it with: task.model.load_state_dict(safetensors.torch.load_file({output!r}))")
+    return output
