@@ -80,20 +80,11 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     without `new_global_batch`, sharded state on another process count)."""
     old_n, new_n = int(meta["world_size"]), accelerator.num_processes
     old_gb, new_gb = global_batch(meta["compat"], old_n), global_batch(compat, new_n)
-    # (checkpoints that predate the field: only a one-process one is known to be replicated)
-    old_kind = meta.get("distributed_type") or ("NO" if old_n == 1 else "UNRECORDED")
-    new_kind = distributed_type(accelerator)
-    universal = old_kind == new_kind == "DEEPSPEED" and deepspeed_zero_stage(accelerator) in UNIVERSAL_ZERO_STAGES
-    if universal and meta.get("zero_stage") not in (None, deepspeed_zero_stage(accelerator)):
-        raise UsageError(f"--resume: {name} holds DeepSpeed ZeRO-{meta['zero_stage']} state and this run uses "
-                         f"ZeRO-{deepspeed_zero_stage(accelerator)}: resume with the DeepSpeed config that wrote it")
-    if old_kind == new_kind == "FSDP":
-        check_fsdp_layout(name, meta, accelerator)
-        universal = meta.get("fsdp_state_dict_type") in RESHARDABLE_FSDP
-    if old_n != new_n and not (old_kind in REPLICATED and new_kind in REPLICATED) and not universal:
+    reshardable = check_engine(name, meta, accelerator)
+    if old_n != new_n and not reshardable:
         raise UsageError(
-            f"--resume: {name} holds {old_kind} state sharded over {old_n} process(es) and cannot be "
-            f"resharded to this run's {new_n} ({new_kind}); resume it with {old_n} process(es)")
+            f"--resume: {name} holds {_recorded_kind(meta)} state sharded over {old_n} process(es) and cannot be "
+            f"resharded to this run's {new_n} ({distributed_type(accelerator)}); resume it with {old_n} process(es)")
     if old_gb != new_gb and new_global_batch and old_gb:
         return f"global batch {old_gb} -> {new_gb} (--new_global_batch; {old_n} -> {new_n} process(es))"
     if old_gb != new_gb:
@@ -108,6 +99,39 @@ def check_world_size(name: str, meta: dict[str, Any], compat: dict[str, Any], ac
     if old_n == new_n:
         return None
     return f"{old_n} -> {new_n} process(es), global batch {new_gb} kept"
+
+
+def _recorded_kind(meta: dict[str, Any]) -> str:
+    # (checkpoints that predate the field: only a one-process one is known to be replicated)
+    return meta.get("distributed_type") or ("NO" if int(meta["world_size"]) == 1 else "UNRECORDED")
+
+
+def _engine(kind: str) -> str:
+    return "replicated (one process or DDP)" if kind in REPLICATED else {"DEEPSPEED": "DeepSpeed"}.get(kind, kind)
+
+
+def check_engine(name: str, meta: dict[str, Any], accelerator) -> bool:
+    """UsageError unless the checkpoint's model and optimizer state loads into this run's engine (the
+    same engine, saved the same way); True when it also loads on another process count."""
+    old, new = _recorded_kind(meta), distributed_type(accelerator)
+    if old in REPLICATED and new in REPLICATED:
+        return True
+    if old == "UNRECORDED":
+        return False
+    if old != new:
+        raise UsageError(f"--resume: {name} holds {_engine(old)} state and this run uses {_engine(new)}: resume it "
+                         f"with the accelerate config that wrote it (its weights alone: python -m launcher.checkpoint "
+                         f"export)")
+    if new == "DEEPSPEED":
+        stage = deepspeed_zero_stage(accelerator)
+        if meta.get("zero_stage") not in (None, stage):
+            raise UsageError(f"--resume: {name} holds DeepSpeed ZeRO-{meta['zero_stage']} state and this run uses "
+                             f"ZeRO-{stage}: resume with the DeepSpeed config that wrote it")
+        return stage in UNIVERSAL_ZERO_STAGES
+    if new == "FSDP":
+        check_fsdp_layout(name, meta, accelerator)
+        return meta.get("fsdp_state_dict_type") in RESHARDABLE_FSDP
+    return False
 
 
 UNIVERSAL_ZERO_STAGES = (1, 2, 3)

@@ -309,3 +309,26 @@ def test_deepspeed_state_of_another_zero_stage_is_refused_on_another_process_cou
         check_world_size("step_00000010", meta, compat, acc)
     assert check_world_size("step_00000010", {**meta, "zero_stage": 3}, compat, acc) == \
         "2 -> 1 process(es), global batch 16 kept"
+
+
+@pytest.mark.parametrize(("saved", "now", "engines"), [
+    ("DEEPSPEED", "MULTI_CPU", "DeepSpeed state and this run uses replicated (one process or DDP)"),
+    ("MULTI_GPU", "FSDP", "replicated (one process or DDP) state and this run uses FSDP"),
+    ("FSDP", "DEEPSPEED", "FSDP state and this run uses DeepSpeed")])
+def test_state_of_another_engine_is_refused_on_any_process_count(saved, now, engines):
+    """Each engine loads only its own files (Accelerate would stop with a missing-file traceback)."""
+    from types import SimpleNamespace
+
+    from launcher.errors import UsageError
+    from launcher.resharding import check_world_size
+
+    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2) if now == "DEEPSPEED" else None,
+                            fsdp_plugin=SimpleNamespace(state_dict_type=SimpleNamespace(name="SHARDED_STATE_DICT")))
+    acc = SimpleNamespace(num_processes=2, distributed_type=now, state=state)
+    compat = {"train.batch_size": 16, "train.grad_accum_steps": 1}
+    meta = {"world_size": 2, "distributed_type": saved, "compat": compat}
+    import re
+
+    with pytest.raises(UsageError, match=re.escape(f"step_00000010 holds {engines}: resume it with the accelerate "
+                                                   "config that wrote it")):
+        check_world_size("step_00000010", meta, compat, acc)
