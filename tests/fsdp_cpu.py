@@ -19,7 +19,6 @@ processes as it would on GPUs). Combine it with the exit recorder: `-m fsdp_cpu 
 
 from __future__ import annotations
 
-import os
 import runpy
 import sys
 
