@@ -8,7 +8,7 @@ it, is never loaded.
 
 List a run's checkpoints: `python -m launcher.checkpoint runs/NAME`; check every file against its
 hash: `python -m launcher.checkpoint verify runs/NAME` (exit 1 if any checkpoint is damaged); the
-model weights as one file: `python -m launcher.checkpoint export runs/NAME` (launcher.checkpoint_export).
+model weights as one file: `python -m launcher.checkpoint export runs/NAME` (launcher.weights).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def main(run_dir: str, target: str | None = None, output: str | None = None) -> 
     if run_dir == "verify" and target is not None and output is None:
         raise SystemExit(verify(target))
     if run_dir == "export" and target is not None:
-        from launcher.checkpoint_export import export
+        from launcher.weights import export
 
         export(target, output)
         return

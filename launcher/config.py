@@ -196,6 +196,10 @@ class TrainConfig(Section):
     """Micro-batches per optimizer step."""
     seed: int = setting(0, ge=0)
     """Seeds the model's initialisation and the data order."""
+    init_from: str = ""
+    """Start from these model weights instead of the seeded initialisation: a weights file
+    (.safetensors, .pt), a checkpoint folder or a run directory (its newest intact checkpoint), from
+    any engine. Only the weights: optimizer, schedule and data order start fresh. Ignored on --resume."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """`no`, `bf16`, `fp16`, or `auto` (what the accelerate config / launcher says, else `no`)."""
     eval_every_n_epochs: int = setting(1, ge=1)

@@ -114,6 +114,11 @@ class Trainer:
             device=describe_device(acc), mixed_precision=acc.mixed_precision)
 
         model = self.task.model
+        self._init_line = None
+        if cfg.train.init_from and self.resume_path is None:  # a resumed run has its own weights
+            from launcher.weights import init_model
+
+            self._init_line = init_model(model, cfg.train.init_from)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(model, cfg.optim, self.plan.base_lr, acc.device.type)
@@ -176,7 +181,7 @@ class Trainer:
 
     def log_start(self) -> None:
         self.print(f"task: {self.task.description or self.cfg.task.name}; run directory: {self.run_dir}")
-        for line in [*self.plan.describe(), *describe_engine(self.accelerator)]:
+        for line in [*self.plan.describe(), *describe_engine(self.accelerator), *filter(None, [self._init_line])]:
             self.print(line)
         if self.is_main:
             config_path = os.path.join(self.run_dir, "config.yaml")

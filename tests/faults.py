@@ -11,7 +11,8 @@ PYTHONPATH; the hook reads these variables once at start and does nothing when n
                                                    pid) and wait up to 120 s for a preemption signal
     LAUNCHER_RANK_LOG_DIR=DIR                      after each epoch, append {epoch, step, lr, plateau} to
                                                    DIR/rank<R>.jsonl (what each rank applied)
-    LAUNCHER_DEBUG_WEIGHTS_DIR=DIR                 at the end, save each rank's weights to DIR/rank<R>.pt
+    LAUNCHER_DEBUG_WEIGHTS_DIR=DIR                 save each rank's weights to DIR/start-rank<R>.pt at the start
+                                                   and to DIR/rank<R>.pt at the end
 """
 
 from __future__ import annotations
@@ -92,15 +93,21 @@ class RankLog(Hook):
 
 
 class WeightsDump(Hook):
-    """Every rank's final weights, to compare ranks bitwise."""
+    """Every rank's weights at the start (start-rank<R>.pt) and at the end (rank<R>.pt), to compare them bitwise."""
 
     def __init__(self, directory: str):
         self.directory = directory
 
-    def on_finish(self, trainer, summary) -> None:
+    def _dump(self, trainer, prefix: str) -> None:
         weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
         torch.save({k: v.detach().float().cpu() for k, v in weights.items()},
-                   os.path.join(self.directory, f"rank{trainer.accelerator.process_index}.pt"))
+                   os.path.join(self.directory, f"{prefix}rank{trainer.accelerator.process_index}.pt"))
+
+    def on_train_start(self, trainer) -> None:
+        self._dump(trainer, "start-")
+
+    def on_finish(self, trainer, summary) -> None:
+        self._dump(trainer, "")
 
 
 def from_env() -> list[Hook]:

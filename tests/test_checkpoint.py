@@ -359,3 +359,35 @@ def test_export_writes_the_checkpoints_weights_as_one_file_and_refuses_to_overwr
                        "SHA-256")
     assert not (tmp_path / "m.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
+
+
+def test_init_from_starts_a_new_run_from_the_weights_of_a_checkpoint_or_a_file(run_dir, tmp_path):
+    """`train.init_from` = a run directory (its newest intact checkpoint) or an exported file: the new run
+    starts from exactly those weights, with its own optimizer, schedule and steps. Weights of another
+    model and a missing path are refused before anything is written (exit 2)."""
+    from safetensors.torch import load_file
+
+    total = json.loads((run_dir / "plan.json").read_text())["total_steps"]
+    saved = load_file(str(run_dir / "checkpoints" / f"step_{total:08d}" / "model.safetensors"))
+    exported = tmp_path / "weights.safetensors"
+    assert run([sys.executable, "-m", "launcher.checkpoint", "export", str(run_dir), "--output",
+                str(exported)], timeout=120).returncode == 0
+    args = [*RUN_ARGS[:RUN_ARGS.index("--train.num_epochs=3")], "--train.num_epochs=2", "--checkpoint.enabled=false"]
+    for source in (run_dir, exported):
+        out, dump = tmp_path / f"from-{source.name}", tmp_path / f"dump-{source.name}"
+        dump.mkdir()
+        result = train(*args, f"--train.init_from={source}", "--output_dir", str(out),
+                       LAUNCHER_DEBUG_WEIGHTS_DIR=str(dump))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"init_from: {len(saved)} tensors from {source}" in result.stdout
+        start = torch.load(dump / "start-rank0.pt", weights_only=True)
+        assert {k: v.tolist() for k, v in start.items()} == {k: v.tolist() for k, v in saved.items()}
+        steps, _ = read_metrics(out)
+        assert steps[0]["step"] == 1 and len(steps) == 2 * total // 3  # a new run: its own steps from 1
+
+    wrong = train(*args, "--task.model=cnn", f"--train.init_from={exported}", "--output_dir", str(tmp_path / "cnn"))
+    assert_usage_error(wrong, f"train.init_from: the weights in {exported} do not fit this run's model: ",
+                       "use weights of the same task.model and task.options")
+    missing = train(*args, "--train.init_from=nowhere.safetensors", "--output_dir", str(tmp_path / "none"))
+    assert_usage_error(missing, "train.init_from: 'nowhere.safetensors' not found")
+    assert not (tmp_path / "cnn").exists() and not (tmp_path / "none").exists()

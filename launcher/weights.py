@@ -1,4 +1,5 @@
-"""One checkpoint's model weights as a single safetensors file, whatever wrote them.
+"""Model weights out of checkpoints, whatever engine wrote them: `export` (one safetensors file) and
+`init_model` (`train.init_from`: a new run starts from them).
 
     python -m launcher.checkpoint export runs/NAME                 # the newest intact checkpoint
     python -m launcher.checkpoint export runs/NAME/checkpoints/step_00000480 --output model.safetensors
@@ -28,25 +29,25 @@ import tempfile
 from launcher.checkpoint_files import CHECKPOINTS, inspect, newest_intact
 from launcher.errors import UsageError
 
-__all__ = ["export", "model_state"]
+__all__ = ["export", "init_model", "model_state", "read_weights"]
 
 
-def _resolve(target: str):
+def _resolve(target: str, what: str = "export"):
     """The intact checkpoint `target` names: a step_N folder, a run directory or its checkpoints/ folder."""
     if os.path.isfile(os.path.join(target, "meta.json")) or os.path.isfile(os.path.join(target, "COMPLETE")):
         ckpt, problem = inspect(target, verify=True)
         if ckpt is None:
-            raise UsageError(f"export: {target} is not an intact checkpoint ({problem}); see python -m "
+            raise UsageError(f"{what}: {target} is not an intact checkpoint ({problem}); see python -m "
                              f"launcher.checkpoint verify on its run directory")
         return ckpt
     folder = os.path.join(target, CHECKPOINTS) if os.path.isdir(os.path.join(target, CHECKPOINTS)) else target
     if not os.path.isdir(folder):
-        raise UsageError(f"export: {target!r} is not a run directory or a checkpoint; pass e.g. runs/NAME or "
+        raise UsageError(f"{what}: {target!r} is not a run directory or a checkpoint; pass e.g. runs/NAME or "
                          f"runs/NAME/checkpoints/step_00000480")
     ckpt, skipped = newest_intact(folder)
     if ckpt is None:
         why = f" (newest, {os.path.basename(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
-        raise UsageError(f"export: no intact checkpoint in {folder}{why}")
+        raise UsageError(f"{what}: no intact checkpoint in {folder}{why}")
     return ckpt
 
 
@@ -93,6 +94,51 @@ def model_state(path: str) -> dict:
         raise UsageError(f"export: {path} holds no model weights this launcher wrote (model.safetensors, "
                          f"pytorch_model_fsdp_0/, pytorch_model/)")
     return {_strip(k): v for k, v in state.items()}
+
+
+def read_weights(source: str, what: str = "train.init_from") -> tuple[dict, str]:
+    """(state dict in plain names, where it came from) of a weights file (.safetensors; else a
+    `torch.save`d state dict, read with weights_only), a checkpoint folder or a run directory."""
+    import torch
+
+    if os.path.isdir(source):
+        ckpt = _resolve(source, what)
+        return model_state(ckpt.path), f"{ckpt.path} (step {ckpt.step})"
+    if not os.path.isfile(source):
+        raise UsageError(f"{what}: {source!r} not found; pass a weights file (.safetensors, .pt), a checkpoint "
+                         f"folder or a run directory")
+    try:
+        if source.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(source, device="cpu")
+        else:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, another format, pickled objects
+        raise UsageError(f"{what}: cannot read {source} as model weights ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})") from None
+    if isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
+        state = state.get("model") or state.get("state_dict") or state  # {"model": {...}} wrappers
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UsageError(f"{what}: {source} holds no state dict of tensors")
+    return {_strip(k): v for k, v in state.items()}, source
+
+
+def init_model(model, source: str) -> str:
+    """Load the weights `source` names (`read_weights`) into `model`, which must take all of them as
+    they are (names and shapes); returns a line for the log, or UsageError naming what does not fit."""
+    state, where = read_weights(source)
+    own = model.state_dict()
+    problems = [f"{k} missing" for k in own if k not in state]
+    problems += [f"{k} not in the model" for k in state if k not in own]
+    problems += [f"{k} {list(state[k].shape)} -> {list(own[k].shape)}" for k in own
+                 if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"train.init_from: the weights in {where} do not fit this run's model: "
+                         f"{'; '.join(problems[:3])}{more}; use weights of the same task.model and task.options")
+    model.load_state_dict(state)
+    return f"init_from: {len(state)} tensors from {where}"
 
 
 def export(target: str, output: str | None = None) -> str:
