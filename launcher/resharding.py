@@ -13,18 +13,21 @@ What is loaded, by how the state was saved:
   optimizer whatever the world size; they are loaded into the unwrapped model (DDP's `module.`
   prefix removed or not there) and the optimizer, on every rank.
 - DeepSpeed ZeRO-1/2/3: every rank's optimizer partition (ZeRO-3: its parameter partition too) is
-  laid out for the process count that wrote it, and DeepSpeed 0.19 refuses to load the partitions on another data-parallel size ("Automatic
-  adjustment of ZeRO's optimizer state partitioning with a new world size is not currently
-  supported"). On another count the checkpoint is converted to DeepSpeed's universal format
-  (`deepspeed.checkpoint.ds_to_universal`, into `checkpoints/.universal-step_N/`, removed after
-  loading; the original is only read) and loaded with the engine's `load_universal_checkpoint`.
-- FSDP with `fsdp_state_dict_type: SHARDED_STATE_DICT` (measured with FSDP2): Accelerate writes the model and
-  the optimizer with `torch.distributed.checkpoint` (DCP: per-rank shard files plus a `.metadata` of
-  which slice of which tensor is where). DCP reads, on each rank of the new count, exactly the slices
-  that rank's shards cover, so the same `load_fsdp_model` / `load_fsdp_optimizer` that resume on the
-  same count reshard on another. FULL_STATE_DICT (whole files) loads on any count too. LOCAL_STATE_DICT
-  (each rank's flat shard) does not, and a checkpoint of another state dict type than this run's is
-  refused either way (Accelerate looks for the files of this run's type).
+  laid out for the process count that wrote it, and DeepSpeed 0.19 refuses to load the partitions
+  on another data-parallel size ("Automatic adjustment of ZeRO's optimizer state partitioning with a
+  new world size is not currently supported"). On another count the checkpoint is converted to
+  DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`, into
+  `checkpoints/.universal-step_N/`, removed after loading; the original is only read) and loaded
+  with the engine's `load_universal_checkpoint`.
+- FSDP with `fsdp_state_dict_type: SHARDED_STATE_DICT` (measured with FSDP2): Accelerate writes the
+  model and the optimizer with `torch.distributed.checkpoint` (DCP: per-rank shard files plus a
+  `.metadata` of which slice of which tensor is where). DCP reads, on each rank of the new count,
+  exactly the slices that rank's shards cover, so the same `load_fsdp_model` / `load_fsdp_optimizer`
+  that resume on the same count reshard on another. FULL_STATE_DICT (whole files) loads on any count
+  too. LOCAL_STATE_DICT (each rank's flat shard) does not, and a checkpoint of another state dict
+  type than this run's is refused either way (Accelerate looks for the files of this run's type).
+- Another engine's state (e.g. DeepSpeed's in an FSDP or DDP run) is refused (`check_engine`); its
+  weights alone load anywhere through `train.init_from` (launcher.weights).
 
 RNG states: with the same world size each rank gets its own back; on another world size every rank
 gets rank 0's, as every rank starts a fresh run from the same seed.
@@ -277,7 +280,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def plain_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the names of the model inside DDP / torch.compile wrappers (no `module.`, `_orig_mod.`)."""
     out = {}
     for key, value in state.items():
         for prefix in ("_orig_mod.", "module."):
@@ -296,7 +300,7 @@ def load_replicated(accelerator, model: torch.nn.Module, optimizer, path: str) -
         state = load_file(weights, device="cpu")
     else:
         state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    _unwrap(model).load_state_dict(_strip(state))
+    _unwrap(model).load_state_dict(plain_names(state))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu",
                                          weights_only=True))
     _load_scaler(accelerator, path)

@@ -55,9 +55,10 @@ def main(recipe: str | None = None, output_dir: str | None = None, resume: str |
         if os.path.basename(parent) == "checkpoints":
             output_dir = os.path.dirname(parent)
     check_dir(output_dir or "runs", "--output_dir")
-    if cfg.train.init_from and not os.path.exists(cfg.train.init_from):
-        raise UsageError(f"train.init_from: {cfg.train.init_from!r} not found; pass a weights file (.safetensors, "
-                         f".pt), a checkpoint folder or a run directory")
+    if cfg.train.init_from:
+        from launcher.weights import check_source
+
+        check_source(cfg.train.init_from)
     task = check_task(cfg)
 
     from launcher.distributed import make_accelerator, shutdown

@@ -28,8 +28,9 @@ import tempfile
 
 from launcher.checkpoint_files import CHECKPOINTS, inspect, newest_intact
 from launcher.errors import UsageError
+from launcher.resharding import plain_names
 
-__all__ = ["export", "init_model", "model_state", "read_weights"]
+__all__ = ["check_source", "export", "init_model", "model_state", "read_weights"]
 
 
 def _resolve(target: str, what: str = "export"):
@@ -49,13 +50,6 @@ def _resolve(target: str, what: str = "export"):
         why = f" (newest, {os.path.basename(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
         raise UsageError(f"{what}: no intact checkpoint in {folder}{why}")
     return ckpt
-
-
-def _strip(name: str) -> str:
-    for prefix in ("_orig_mod.", "module."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
 
 
 def model_state(path: str) -> dict:
@@ -93,7 +87,14 @@ def model_state(path: str) -> dict:
     else:
         raise UsageError(f"export: {path} holds no model weights this launcher wrote (model.safetensors, "
                          f"pytorch_model_fsdp_0/, pytorch_model/)")
-    return {_strip(k): v for k, v in state.items()}
+    return plain_names(state)
+
+
+def check_source(source: str, what: str = "train.init_from") -> None:
+    """UsageError unless `source` exists (a file or a folder); cheap, for checks before a run starts."""
+    if not os.path.exists(source):
+        raise UsageError(f"{what}: {source!r} not found; pass a weights file (.safetensors, .pt), a checkpoint "
+                         f"folder or a run directory")
 
 
 def read_weights(source: str, what: str = "train.init_from") -> tuple[dict, str]:
@@ -101,12 +102,10 @@ def read_weights(source: str, what: str = "train.init_from") -> tuple[dict, str]
     `torch.save`d state dict, read with weights_only), a checkpoint folder or a run directory."""
     import torch
 
+    check_source(source, what)
     if os.path.isdir(source):
         ckpt = _resolve(source, what)
         return model_state(ckpt.path), f"{ckpt.path} (step {ckpt.step})"
-    if not os.path.isfile(source):
-        raise UsageError(f"{what}: {source!r} not found; pass a weights file (.safetensors, .pt), a checkpoint "
-                         f"folder or a run directory")
     try:
         if source.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -121,7 +120,7 @@ def read_weights(source: str, what: str = "train.init_from") -> tuple[dict, str]
         state = state.get("model") or state.get("state_dict") or state  # {"model": {...}} wrappers
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise UsageError(f"{what}: {source} holds no state dict of tensors")
-    return {_strip(k): v for k, v in state.items()}, source
+    return plain_names(state), source
 
 
 def init_model(model, source: str) -> str:
