@@ -135,8 +135,8 @@ def test_compatibility_check_says_what_differs(tmp_path):
         checkpointer(tmp_path, model, compat, num_processes=3).check_compatible(path)
     sharded = str(fake_checkpoint(tmp_path / "ds", 5, world_size=2, compat={**compat, "train.batch_size": 16},
                                   shapes=shapes, distributed_type="DEEPSPEED"))
-    with pytest.raises(UsageError, match=r"holds DEEPSPEED state sharded over 2 process\(es\) and cannot be resharded "
-                                         r"to this run's 1 \(NO\); resume it with 2 process\(es\)"):
+    with pytest.raises(UsageError, match=r"holds DeepSpeed state and this run uses replicated \(one process or DDP\): "
+                                         r"resume it with the accelerate config that wrote it"):
         checkpointer(tmp_path, model, compat).check_compatible(sharded)
     with pytest.raises(UsageError, match=r"optim\.lr 0\.005 -> 0\.01\)"):
         checkpointer(tmp_path, model, {"optim.lr": 0.01, "train.batch_size": 32}).check_compatible(path)
