@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from launcher.checkpoint_files import (
-    _STEP_DIR,
     CHECKPOINTS,
     FORMAT_VERSION,
     MARKER,
@@ -48,6 +47,7 @@ from launcher.checkpoint_files import (
     inspect,
     latest,
     main,
+    named_checkpoint,
     newest_intact,
     scan,
     select_kept,
@@ -146,36 +146,22 @@ def resolve_resume(resume: str, checkpoints_dir: str, accelerator) -> str | None
 
 def _find(resume: str, checkpoints_dir: str) -> tuple[str | None, str | None]:
     """(path, None), (None, None) for a fresh start, or (None, the one-line refusal)."""
-    if resume == "auto":
-        return _newest(checkpoints_dir, "auto")
-    path = os.path.abspath(resume)
-    if _STEP_DIR.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, "meta.json")):
-        ckpt, problem = inspect(path, verify=True)
-        if ckpt is None:
-            return None, (f"--resume: checkpoint {resume!r} is not usable: {problem}; "
-                          f"pass --resume auto or an earlier checkpoint")
-        return ckpt.path, None
-    folder = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) else path
-    found, problem = _newest(folder, resume)
-    if found is None and problem is None:
-        return None, (f"--resume: no complete checkpoint in {resume!r}; pass a run directory, a "
-                      f"checkpoints/step_N folder, or --resume auto to start fresh when there is none")
-    return found, problem
-
-
-def _newest(folder: str, resume: str) -> tuple[str | None, str | None]:
-    """The newest intact checkpoint in `folder` (one warning line per newer damaged one); a refusal
-    when there are checkpoints but none is intact (a fresh start would train over the run's metrics)."""
-    ckpt, skipped = newest_intact(folder)
-    if ckpt is None and skipped:
+    ckpt, problem, skipped = named_checkpoint(checkpoints_dir if resume == "auto" else resume)
+    if problem is not None:
+        return None, (f"--resume: checkpoint {resume!r} is not usable: {problem}; "
+                      f"pass --resume auto or an earlier checkpoint")
+    if ckpt is None and skipped:  # a fresh start would train over the run's own metrics
         path, problem = skipped[0]
-        run = os.path.dirname(folder.rstrip(os.sep))
+        folder = os.path.dirname(path)
         return None, (f"--resume {resume}: none of the {len(skipped)} checkpoint(s) in {folder} is intact "
                       f"(newest, {os.path.basename(path)}: {problem}); nothing was changed; see "
-                      f"python -m launcher.checkpoint verify {run}, then resume from a copy of a good "
-                      f"checkpoint or start a fresh run in another --output_dir")
+                      f"python -m launcher.checkpoint verify {os.path.dirname(folder)}, then resume from a copy "
+                      f"of a good checkpoint or start a fresh run in another --output_dir")
     for path, problem in skipped:
         print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    if ckpt is None and resume != "auto":
+        return None, (f"--resume: no complete checkpoint in {resume!r}; pass a run directory, a "
+                      f"checkpoints/step_N folder, or --resume auto to start fresh when there is none")
     return (ckpt.path if ckpt else None), None
 
 

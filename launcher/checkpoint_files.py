@@ -119,6 +119,19 @@ def newest_intact(checkpoints_dir: str) -> tuple[Checkpoint | None, list[tuple[s
     return None, skipped
 
 
+def named_checkpoint(target: str) -> tuple[Checkpoint | None, str | None, list[tuple[str, str]]]:
+    """The checkpoint a path names: a `step_N` folder (checked, hashes included) or a run directory or
+    its checkpoints/ folder (the newest intact checkpoint in it). Returns (the checkpoint or None,
+    what is wrong with a named step folder, the (path, problem) of newer damaged ones skipped)."""
+    path = os.path.abspath(target)
+    if _STEP_DIR.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, "meta.json")):
+        ckpt, problem = inspect(path, verify=True)
+        return ckpt, problem, []
+    folder = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) else path
+    ckpt, skipped = newest_intact(folder)
+    return ckpt, None, skipped
+
+
 def latest(checkpoints_dir: str, warn=None) -> Checkpoint | None:
     """The newest intact checkpoint; incomplete or damaged ones are reported to `warn` and skipped."""
     ckpt, skipped = newest_intact(checkpoints_dir)

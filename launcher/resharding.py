@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from launcher.errors import UsageError
+from launcher.weights import model_state
 
 REPLICATED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU")
 """Accelerate distributed types whose model and optimizer state is the same on every rank."""
@@ -280,27 +281,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def plain_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with the names of the model inside DDP / torch.compile wrappers (no `module.`, `_orig_mod.`)."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
 def load_replicated(accelerator, model: torch.nn.Module, optimizer, path: str) -> None:
     """Load whole-model and whole-optimizer files saved by any number of processes, on every rank."""
-    weights = os.path.join(path, "model.safetensors")
-    if os.path.isfile(weights):
-        from safetensors.torch import load_file
-
-        state = load_file(weights, device="cpu")
-    else:
-        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    _unwrap(model).load_state_dict(plain_names(state))
+    _unwrap(model).load_state_dict(model_state(path))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu",
                                          weights_only=True))
     _load_scaler(accelerator, path)

@@ -26,29 +26,34 @@ import json
 import os
 import tempfile
 
-from launcher.checkpoint_files import CHECKPOINTS, inspect, newest_intact
+from launcher.checkpoint_files import named_checkpoint
 from launcher.errors import UsageError
-from launcher.resharding import plain_names
 
-__all__ = ["check_source", "export", "init_model", "model_state", "read_weights"]
+__all__ = ["check_source", "export", "init_model", "model_state", "plain_names", "read_weights"]
+
+
+def plain_names(state: dict) -> dict:
+    """`state` with the names of the model inside DDP / torch.compile wrappers (no `module.`, `_orig_mod.`)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
 
 
 def _resolve(target: str, what: str = "export"):
     """The intact checkpoint `target` names: a step_N folder, a run directory or its checkpoints/ folder."""
-    if os.path.isfile(os.path.join(target, "meta.json")) or os.path.isfile(os.path.join(target, "COMPLETE")):
-        ckpt, problem = inspect(target, verify=True)
-        if ckpt is None:
-            raise UsageError(f"{what}: {target} is not an intact checkpoint ({problem}); see python -m "
-                             f"launcher.checkpoint verify on its run directory")
-        return ckpt
-    folder = os.path.join(target, CHECKPOINTS) if os.path.isdir(os.path.join(target, CHECKPOINTS)) else target
-    if not os.path.isdir(folder):
-        raise UsageError(f"{what}: {target!r} is not a run directory or a checkpoint; pass e.g. runs/NAME or "
-                         f"runs/NAME/checkpoints/step_00000480")
-    ckpt, skipped = newest_intact(folder)
+    check_source(target, what)
+    ckpt, problem, skipped = named_checkpoint(target)
+    if problem is not None:
+        raise UsageError(f"{what}: {target} is not an intact checkpoint ({problem}); see python -m "
+                         f"launcher.checkpoint verify on its run directory")
     if ckpt is None:
         why = f" (newest, {os.path.basename(skipped[0][0])}: {skipped[0][1]})" if skipped else ""
-        raise UsageError(f"{what}: no intact checkpoint in {folder}{why}")
+        raise UsageError(f"{what}: no intact checkpoint in {target}{why}; pass a run directory or a "
+                         f"checkpoints/step_N folder")
     return ckpt
 
 
@@ -93,8 +98,9 @@ def model_state(path: str) -> dict:
 def check_source(source: str, what: str = "train.init_from") -> None:
     """UsageError unless `source` exists (a file or a folder); cheap, for checks before a run starts."""
     if not os.path.exists(source):
-        raise UsageError(f"{what}: {source!r} not found; pass a weights file (.safetensors, .pt), a checkpoint "
-                         f"folder or a run directory")
+        takes = "a weights file (.safetensors, .pt), a checkpoint folder or a run directory" \
+            if what == "train.init_from" else "a run directory or a checkpoints/step_N folder"
+        raise UsageError(f"{what}: {source!r} not found; pass {takes}")
 
 
 def read_weights(source: str, what: str = "train.init_from") -> tuple[dict, str]:
